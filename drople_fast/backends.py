@@ -1,0 +1,125 @@
+"""IWTD backends: which exist, what they support, and why one refuses an input.
+
+Every backend implements the same fused signature::
+
+    fn(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed)
+      -> (importance, drop_prob, drop_mask, keep_count, keep_order)
+
+with ``eligible``/``valid`` bool (B, S), ``anchor`` int64 (B,), the folded
+bridge ``folded`` float32 (M, D) and ``shift`` float32 (M,), and ``seed`` an
+int64 tensor of shape (1,) on the input device. ``keep_order`` is (B, S)
+int64: kept positions first in original order, then -1.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _reference_fn():
+    from .reference import iwtd_reference
+
+    return iwtd_reference
+
+
+def _cpp_fn():
+    from . import ops  # registers the fake implementation
+
+    ops.load_cpp_extension()
+    return torch.ops.drople_fast.iwtd_cpu
+
+
+def _triton_fn():
+    from .kernels import iwtd_triton
+
+    return iwtd_triton.iwtd_triton_op
+
+
+def _cpp_unavailable() -> Optional[str]:
+    from . import ops
+
+    return ops.cpp_extension_error()
+
+
+def _triton_unavailable() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter)"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    load: Callable[[], Callable]
+    unavailable: Callable[[], Optional[str]] = lambda: None
+    note: str = ""
+
+    def why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None if this backend can run on ``device``/``dtype``, else the reason it refuses."""
+        reason = self.unavailable()
+        if reason:
+            return reason
+        if device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, not {device.type}"
+        if dtype not in self.dtypes:
+            return f"supports {', '.join(str(d) for d in self.dtypes)}, not {dtype}"
+        return None
+
+
+def _triton_devices() -> tuple[str, ...]:
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        "reference", ("cpu", "cuda"), FLOAT_DTYPES, _reference_fn,
+        note="plain PyTorch, materialises the attention map (the test oracle)",
+    ),
+    "cpp": Backend(
+        "cpp", ("cpu",), (torch.float32, torch.bfloat16), _cpp_fn, _cpp_unavailable,
+        note="fused C++ CPU operator (drople_fast._C), parallel over the batch",
+    ),
+    "triton": Backend(
+        "triton", _triton_devices(), FLOAT_DTYPES, _triton_fn, _triton_unavailable,
+        note="fused Triton kernel, one launch per layer",
+    ),
+}
+
+# Preference order when the caller does not choose.
+_PREFERENCE = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+def select_backend(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Callable:
+    """The fused function for ``name`` (or the best usable one); ValueError with the reason otherwise."""
+    if name is None:
+        for candidate in _PREFERENCE.get(device.type, ("reference",)):
+            if BACKENDS[candidate].why_not(device, dtype) is None:
+                return BACKENDS[candidate].load()
+        raise ValueError(f"no IWTD backend supports device={device.type} dtype={dtype}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+    reason = BACKENDS[name].why_not(device, dtype)
+    if reason:
+        raise ValueError(f"IWTD backend {name!r} cannot run here: {reason}")
+    return BACKENDS[name].load()
+
+
+def describe() -> list[tuple[str, str]]:
+    """(backend, 'usable' or the reason not) on the CPU and, if present, on CUDA."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for backend in BACKENDS.values():
+        for device in devices:
+            reason = backend.why_not(device, torch.float32)
+            rows.append((f"{backend.name} [{device.type}]", "usable" if reason is None else f"unavailable: {reason}"))
+    return rows

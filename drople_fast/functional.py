@@ -1,0 +1,152 @@
+"""Public functional API: :func:`iwtd`, :func:`compact`, :func:`compact_fixed`."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import ops
+from .backends import select_backend
+from .philox import gumbel_seed, token_uniform
+from .reference import bridge_features, fold_bridge
+from .validation import check_iwtd_args
+
+
+class IWTDOutput(NamedTuple):
+    """Result of one IWTD step. All (B, S) tensors are indexed by original position."""
+
+    importance: torch.Tensor  # (B, S) float32: I_j on content tokens, 0 at the anchor and padding
+    drop_prob: torch.Tensor  # (B, S) float32: p_j on eligible tokens, 0 elsewhere
+    drop_mask: torch.Tensor  # (B, S) bool
+    keep_count: torch.Tensor  # (B,) int64: valid tokens not dropped
+    keep_order: torch.Tensor  # (B, S) int64: kept positions first, in order, then -1 (static shape)
+    bridge_features: torch.Tensor  # (B, M, P): pooled bridge features for the alignment loss
+    valid: torch.Tensor  # (B, S) bool
+    eligible: torch.Tensor  # (B, S) bool: the eligible set E actually used
+
+    @property
+    def keep_index(self) -> torch.Tensor:
+        """(B, max keep_count) kept positions in original order, padded with -1 (data-dependent width)."""
+        width = int(self.keep_count.max()) if self.keep_count.numel() else 0
+        return self.keep_order[:, :width]
+
+
+class Compacted(NamedTuple):
+    """A gathered batch of kept tokens."""
+
+    tokens: torch.Tensor  # (B, K, D)
+    valid: torch.Tensor  # (B, K) bool: True for real tokens, False for padding (the key-padding mask)
+    index: torch.Tensor  # (B, K) int64: original position of each row, -1 for padding
+
+
+def _seed_tensor(seed: Union[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def iwtd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    hidden: torch.Tensor,
+    eligible: torch.Tensor,
+    bridge_tokens: torch.Tensor,
+    bridge_weight: torch.Tensor,
+    bridge_bias: torch.Tensor,
+    anchor_index: Union[int, torch.Tensor],
+    valid: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    p_min: float = 0.1,
+    p_max: float = 0.5,
+    seed: Union[int, torch.Tensor] = 0,
+    backend: Optional[str] = None,
+) -> IWTDOutput:
+    """Importance-weighted token dropout for one layer (DESIGN §1).
+
+    ``q``, ``k``: (B, H, S, Dh) attention inputs of the layer; ``hidden``:
+    (B, S, D) its output; ``eligible``: bool (B, S) or (S,); ``bridge_*``: the
+    alignment module (M, P), (P, D), (P,); ``anchor_index``: int or (B,)
+    (CLS = 0, text EOS); ``valid``: bool (B, S), False for padding;
+    ``causal``: text tower; ``seed``: int or int64 tensor; ``backend``: None
+    (best usable), "reference", "cpp" or "triton".
+
+    The mask is drawn with Philox at offset ``b * S + j``, so every backend
+    returns the same ``drop_mask`` for the same seed. ``bridge_features`` is
+    differentiable with respect to the hidden states and the bridge module.
+    """
+    check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, anchor_index, valid,
+                    p_min, p_max)
+    B, _, S, _ = q.shape
+    device = q.device
+    eligible = eligible.expand(B, S).contiguous()
+    valid = torch.ones(B, S, dtype=torch.bool, device=device) if valid is None else valid.contiguous()
+    if isinstance(anchor_index, int):
+        anchor = torch.full((B,), anchor_index, dtype=torch.int64, device=device)
+    else:
+        anchor = anchor_index.to(torch.int64).contiguous()
+    with torch.no_grad():
+        folded, shift = fold_bridge(bridge_tokens, bridge_weight, bridge_bias)
+        fused = select_backend(backend, device, q.dtype)
+        importance, drop_prob, drop_mask, keep_count, keep_order = fused(
+            q.detach().contiguous(), k.detach().contiguous(), hidden.detach().contiguous(),
+            eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
+            bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device),
+        )
+    features = bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid)
+    content = valid & (torch.arange(S, device=device)[None, :] != anchor[:, None])
+    return IWTDOutput(importance, drop_prob, drop_mask, keep_count, keep_order, features, valid,
+                      eligible & content)
+
+
+def compact(hidden: torch.Tensor, out: IWTDOutput) -> Compacted:
+    """Gather the kept tokens into a padded batch (B, max keep, D) with its key-padding mask.
+
+    Backward scatters gradients to the kept positions; dropped positions get zero.
+    """
+    index = out.keep_index
+    return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)
+
+
+def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[int, torch.Tensor] = 0):
+    """(B, keep + num_always) positions: all valid non-eligible tokens plus exactly ``keep`` eligible ones.
+
+    Eligible tokens are sampled without replacement in proportion to their keep
+    probability ``1 - p`` (Gumbel-top-k on ``log(1 - p)`` with Philox noise on its
+    own stream), so shapes are static for torch.compile and CUDA graphs.
+    Positions are returned in original order; -1 where a sample has too few tokens.
+    """
+    B, S = out.drop_prob.shape
+    width = keep + num_always
+    if not 0 <= width <= S:
+        raise ValueError(f"keep + num_always must be in [0, S={S}], got keep={keep} num_always={num_always}")
+    seed_t = _seed_tensor(seed, out.drop_prob.device)
+    uniform = token_uniform(gumbel_seed(seed_t), B, S).clamp(min=1e-20)
+    gumbel = -torch.log(-torch.log(uniform))
+    log_keep = torch.log((1.0 - out.drop_prob).clamp(min=1e-30))
+    always = out.valid & ~out.eligible
+    score = torch.where(out.eligible, log_keep + gumbel, torch.full_like(gumbel, -math.inf))
+    score = torch.where(always, torch.full_like(score, math.inf), score)
+    top = torch.topk(score, width, dim=1)
+    chosen_ok = torch.gather(out.valid, 1, top.indices) & (top.values > -math.inf)
+    # Original order, with the -1 padding of short samples last.
+    index = torch.sort(torch.where(chosen_ok, top.indices, S), dim=1).values
+    return torch.where(index < S, index, -1)
+
+
+def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: Optional[int] = None,
+                  seed: Union[int, torch.Tensor] = 0) -> Compacted:
+    """Fixed-budget compaction: exactly ``keep`` eligible tokens per sample, static shapes.
+
+    ``num_always`` is the number of valid non-eligible tokens per sample (the
+    anchor, class-name tokens, ...). Pass it when compiling; if omitted it is
+    read from the data, which needs a host sync.
+    """
+    if num_always is None:
+        num_always = int((out.valid & ~out.eligible).sum(dim=1).max())
+    index = fixed_budget_index(out, keep, num_always, seed)
+    return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)

@@ -1,0 +1,80 @@
+"""Philox4x32-10 in plain PyTorch, bit-identical to Triton's ``tl.rand``.
+
+Every backend (reference, C++, Triton) draws the IWTD Bernoulli mask from the
+same counter-based generator indexed by ``(seed, offset)`` with
+``offset = sample * S + token``; that is what makes a drop mask reproducible
+on any device. This file is the specification the C++ and Triton kernels are
+tested against (``csrc/philox.h`` and ``tl.rand`` respectively).
+
+Torch has no uint32 arithmetic on every device, so words are held in int64
+and reduced modulo 2**32; 32x32-bit products are split into 16-bit limbs so
+that nothing overflows int64.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+KEY_A = 0x9E3779B9
+KEY_B = 0xBB67AE85
+ROUND_A = 0xD2511F53
+ROUND_B = 0xCD9E8D57
+N_ROUNDS = 10
+# Largest float32 such that (2**31 - 1) * scale < 1 (Triton's uint_to_uniform_float).
+UNIFORM_SCALE = 4.6566127342e-10
+# XOR-ed into the seed's high word to give fixed-budget sampling its own stream.
+GUMBEL_STREAM = 0x6A09E667
+
+
+def _mul_lo_hi(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high 32-bit words of ``const * x`` for a 32-bit constant."""
+    c_hi, c_lo = const >> 16, const & 0xFFFF
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    lo_lo = c_lo * x_lo
+    mid = c_hi * x_lo + c_lo * x_hi + (lo_lo >> 16)
+    hi = c_hi * x_hi + (mid >> 16)
+    lo = (c_lo * x + ((c_hi * x) & 0xFFFF) * 65536) & MASK32
+    return lo, hi & MASK32
+
+
+def philox4x32(seed: torch.Tensor | int, counter: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox4x32-10 for counters ``(counter_lo, counter_hi, 0, 0)``.
+
+    ``seed`` is a 64-bit key (int or int64 tensor broadcastable to ``counter``);
+    ``counter`` an int64 tensor. Returns uint32 values held in int64.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=counter.device)
+    k0 = seed & MASK32
+    k1 = (seed >> 32) & MASK32
+    c0 = counter & MASK32
+    c1 = (counter >> 32) & MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(N_ROUNDS):
+        lo_b, hi_b = _mul_lo_hi(ROUND_B, c2)
+        lo_a, hi_a = _mul_lo_hi(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + KEY_A) & MASK32
+        k1 = (k1 + KEY_B) & MASK32
+    return c0
+
+
+def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float``: uint32 (in int64) -> float32 in [0, 1)."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    signed = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
+    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
+    """Uniform draws (B, S) float32 at offsets ``b * S + j``, as every backend uses."""
+    if isinstance(seed, torch.Tensor):
+        device = seed.device if device is None else device
+        seed = seed.reshape(())
+    offsets = torch.arange(batch * seq, device=device, dtype=torch.int64)
+    return uniform_from_uint32(philox4x32(seed, offsets)).reshape(batch, seq)
+
+
+def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
+    """The key of the fixed-budget (Gumbel-top-k) stream for a given IWTD seed."""
+    return seed ^ (GUMBEL_STREAM << 32)

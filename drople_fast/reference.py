@@ -1,0 +1,132 @@
+"""Plain-PyTorch IWTD: the oracle every fast backend is tested against.
+
+It follows DESIGN §1 literally and materialises the (B, H, S, S) attention
+map. All arithmetic is float32 whatever the input dtype, as in the kernels.
+
+The computation is split in two so the open_clip integration can reuse the
+second half on an attention map it already has ("perturb" mode, tests):
+
+* :func:`attention_probs` -- q, k -> softmax attention with padding/causal masks;
+* :func:`iwtd_from_attention` -- attention + hidden + folded bridge -> scores,
+  probabilities, Bernoulli mask and keep indices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .philox import token_uniform
+
+EPS = 1e-8
+
+
+def allowed_keys(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, S, S) bool: key k is visible from query j (valid, and k <= j if causal)."""
+    S = valid.shape[1]
+    allowed = valid[:, None, None, :].expand(-1, 1, S, S)
+    if causal:
+        allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=valid.device).tril()
+    return allowed
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Softmax attention (B, H, S, S) float32; padded keys get 0, rows with no key are 0."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~allowed_keys(valid, causal), float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def fold_bridge(bridge_tokens: torch.Tensor, bridge_weight: torch.Tensor, bridge_bias: torch.Tensor):
+    """``T (W h + b) = (T W) h + T b``: fold the bridge map into the tokens (M x D) and a shift (M,)."""
+    tokens = bridge_tokens.float()
+    return tokens @ bridge_weight.float(), tokens @ bridge_bias.float()
+
+
+def bridge_logits(hidden: torch.Tensor, folded: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor):
+    """(B, M, S) alignment logits with padding at -inf (tau = 1, no 1/sqrt(d))."""
+    logits = torch.einsum("md,bsd->bms", folded, hidden.float()) + shift[None, :, None]
+    return logits.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
+    """Differentiable pooled bridge features ``F = G (W h + b)`` of shape (B, M, P).
+
+    Rows of G sum to one, so ``G (W h + b) = (G h) W^T + b``; computed in the
+    hidden dtype so gradients reach the tokens, the map and the hidden states.
+    """
+    logits = torch.einsum("mp,pd,bsd->bms", bridge_tokens, bridge_weight, hidden)
+    logits = logits + (bridge_tokens @ bridge_bias)[None, :, None]
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    gate = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
+    return (gate @ hidden) @ bridge_weight.t() + bridge_bias
+
+
+def _normalise_over(score: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    score = score.masked_fill(~content, 0.0)
+    return score / (score.sum(dim=1, keepdim=True) + EPS)
+
+
+def keep_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positions moved to the front in original order, -1 after; and the counts.
+
+    A stable sort on ``~keep`` is the prefix-sum compaction of DESIGN §3.
+    """
+    S = keep.shape[1]
+    positions = torch.arange(S, device=keep.device).expand_as(keep)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    order = torch.where(torch.gather(keep, 1, order), torch.gather(positions, 1, order), -1)
+    return order, keep.sum(dim=1)
+
+
+def iwtd_from_attention(
+    attn: torch.Tensor,
+    hidden: torch.Tensor,
+    eligible: torch.Tensor,
+    valid: torch.Tensor,
+    anchor: torch.Tensor,
+    folded: torch.Tensor,
+    shift: torch.Tensor,
+    p_min: float,
+    p_max: float,
+    seed,
+):
+    """DESIGN §1 steps 1-7 on an explicit attention map.
+
+    Returns ``(importance, drop_prob, drop_mask, keep_count, keep_order)`` with
+    the dtypes and shapes of the fused backends.
+    """
+    B, _, S, _ = attn.shape
+    positions = torch.arange(S, device=attn.device)
+    is_anchor = positions[None, :] == anchor[:, None]
+    content = valid & ~is_anchor
+    elig = eligible & content
+
+    # 1. anchor row, averaged over heads
+    s1 = attn[torch.arange(B, device=attn.device), :, anchor].mean(dim=1)
+    # 2. strongest other content key of each row (the row's softmax is over all keys)
+    key_ok = content[:, None, None, :] & ~torch.eye(S, dtype=torch.bool, device=attn.device)
+    s2 = attn.masked_fill(~key_ok, 0.0).amax(dim=-1).mean(dim=1)
+    # 3. best bridge token's attention to each token (softmax over tokens)
+    s3 = torch.softmax(bridge_logits(hidden, folded, shift, valid), dim=-1).amax(dim=1)
+    # 4. normalise each score over C and average
+    importance = (_normalise_over(s1, content) + _normalise_over(s2, content) + _normalise_over(s3, content)) / 3.0
+    # 5. min-max over C (a zero range counts as one)
+    lo = importance.masked_fill(~content, float("inf")).amin(dim=1, keepdim=True)
+    hi = importance.masked_fill(~content, float("-inf")).amax(dim=1, keepdim=True)
+    span = hi - lo
+    span = torch.where(span > 0, span, torch.ones_like(span))
+    normalised = (importance - lo) / span
+    # 6. important tokens drop less
+    drop_prob = torch.where(elig, p_max - normalised * (p_max - p_min), torch.zeros_like(normalised))
+    # 7. one Philox draw per (sample, token)
+    drop_mask = elig & (token_uniform(seed, B, S, device=attn.device) < drop_prob)
+    order, count = keep_order(valid & ~drop_mask)
+    return importance, drop_prob, drop_mask, count, order
+
+
+def iwtd_reference(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed):
+    """The reference backend: same arguments and outputs as the fused kernels."""
+    attn = attention_probs(q, k, valid, causal)
+    return iwtd_from_attention(attn, hidden, eligible, valid, anchor, folded, shift, p_min, p_max, seed)
