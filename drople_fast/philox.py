@@ -78,3 +78,14 @@ def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -
 def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
     """The key of the fixed-budget (Gumbel-top-k) stream for a given IWTD seed."""
     return seed ^ (GUMBEL_STREAM << 32)
+
+
+# Keys of the two uniform streams behind the perturb-mode normal noise.
+NORMAL_STREAMS = (0x3C6EF372, 0xA54FF53A)
+
+
+def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
+    """Standard normal draws (B, S) by Box-Muller over two Philox streams (perturb-mode noise)."""
+    u1 = token_uniform(seed ^ (NORMAL_STREAMS[0] << 32), batch, seq, device).clamp(min=1e-7)
+    u2 = token_uniform(seed ^ (NORMAL_STREAMS[1] << 32), batch, seq, device)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)

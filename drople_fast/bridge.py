@@ -1,0 +1,20 @@
+"""The multimodal alignment ("bridge") module of DESIGN §1, shared by both towers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BridgeModule(nn.Module):
+    """M learnable bridge tokens (M x P) and one linear map per tower (D_tower -> P)."""
+
+    def __init__(self, vision_width: int, text_width: int, num_tokens: int = 64, dim: int = 512):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(num_tokens, dim) * dim ** -0.5)
+        self.vision = nn.Linear(vision_width, dim)
+        self.text = nn.Linear(text_width, dim)
+
+    def params_for(self, tower: str):
+        """(bridge_tokens, bridge_weight, bridge_bias) as the ``iwtd`` op takes them."""
+        proj = self.vision if tower == "vision" else self.text
+        return self.tokens, proj.weight, proj.bias

@@ -1,0 +1,371 @@
+"""``apply(model, config)`` / ``remove(model)``: IWTD inside an open_clip ViT CLIP, in place.
+
+The patch swaps the classes of the vision tower and of the text encoder for
+subclasses whose forward runs the same blocks on memory-efficient attention
+with IWTD after the configured layers (ToMe-style), and restores them on
+``remove``. No weight is renamed: the model's ``state_dict`` keys and values
+are those of the unpatched model. The bridge module is attached as
+``model.drople_bridge`` (so its parameters train with the model) but is kept
+out of ``model.state_dict()``; save it with :func:`patch_state_dict`.
+
+All per-model state (config, bridge, prompt hook, step counters, the last
+forward's bridge features) lives on the model's own :class:`PatchState`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from .attention import attention_mask, block_forward, check_block, xformers_unavailable
+from .bridge import BridgeModule
+from .config import IWTDConfig
+from .functional import compact_fixed, iwtd
+from .philox import token_normal
+from .tokens import Tokens, start
+
+BRIDGE_ATTR = "drople_bridge"
+STATE_ATTR = "_drople_patch"
+TOWERS = ("vision", "text")
+
+
+class PromptHook(Protocol):
+    """What a prompt learner supplies. Either method may return None for "no prompts at this layer".
+
+    ``vision_prompts(layer, batch)`` -> (1 or B, n, D_vision) tokens inserted before block ``layer``.
+    ``text_prompts(layer, batch)`` -> (1 or B, n, D_text). At layer 0 they replace the n placeholder
+    tokens that follow SOS in the input ids (and get the positional embedding of those positions).
+    """
+
+    def vision_prompts(self, layer: int, batch: int) -> Optional[torch.Tensor]: ...
+
+    def text_prompts(self, layer: int, batch: int) -> Optional[torch.Tensor]: ...
+
+
+class PatchState:
+    def __init__(self, config: IWTDConfig, bridge: BridgeModule, originals: list):
+        self.config = config
+        self.bridge = bridge
+        self.originals = originals  # (module, original class)
+        self.hook: Optional[PromptHook] = None
+        self.features: dict[str, dict[int, torch.Tensor]] = {t: {} for t in TOWERS}
+        self.counters = {t: torch.zeros((), dtype=torch.int64) for t in TOWERS}
+        self.state_hooks: list = []
+
+    def next_seed(self, tower: str, device) -> torch.Tensor:
+        """A fresh int64 seed tensor for this tower's forward; layers add their index."""
+        counter = self.counters[tower]
+        counter.add_(1)
+        base = (self.config.seed & 0x7FFFFFFF) << 32
+        return (counter * 64 + base + TOWERS.index(tower)).to(device).reshape(1)
+
+
+def _state(module) -> PatchState:
+    state = getattr(module, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} is not patched by drople_fast; call drople_fast.apply first")
+    return state
+
+
+# --------------------------------------------------------------------------
+# one IWTD step after a block
+# --------------------------------------------------------------------------
+
+
+def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, seed, causal: bool,
+               replace_next: bool) -> Tokens:
+    cfg = state.config
+    bridge_tokens, weight, bias = state.bridge.params_for(tower)
+    layer_seed = seed + 2 * layer
+    out = iwtd(q, k, tokens.x, tokens.eligible & tokens.valid, bridge_tokens, weight, bias, tokens.anchor,
+               valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
+               seed=layer_seed, backend=cfg.backend)
+    state.features[tower][layer] = out.bridge_features
+    if cfg.mode == "perturb":
+        noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length).to(tokens.x.dtype)
+        scale = 1.0 + cfg.sigma * noise * out.drop_mask.to(tokens.x.dtype)
+        tokens.x = tokens.x * scale[..., None]
+        return tokens
+    # Prompts are re-supplied by the next layer: remove them now rather than in a second gather.
+    doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)
+    prompts_kept = "none" if replace_next else "some"
+    if cfg.mode == "drop":
+        return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_kept)
+    # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
+    out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)
+    n_elig = _static_eligible(tokens, tower, replace_next)
+    if n_elig is None:  # only when the layout differs per sample; costs a host sync
+        n_elig = int(out.eligible.sum(dim=1).max())
+    budget = cfg.keep_count(n_elig) if n_elig > 0 else 0
+    doomed_count = tokens.num_prompts if replace_next else 0
+    num_always = tokens.length - n_elig - doomed_count
+    index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed).index
+    return tokens.gather(index, prompts_kept, padded=tokens.padded)
+
+
+def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional[int]:
+    """Eligible tokens per sample when the layout makes it the same for all (static shapes)."""
+    if tokens.scattered and replace_next:
+        return None
+    doomed = tokens.num_prompts if replace_next else 0
+    if tower == "vision" and not tokens.padded:
+        return tokens.length - 1 - doomed  # every token but CLS
+    if tower == "text" and not tokens.free_eligible and not tokens.scattered:
+        return tokens.num_prompts - doomed  # only the prompt tokens
+    return None
+
+
+def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower: str, causal: bool,
+                prompts_at: Callable[[int], Optional[torch.Tensor]]) -> Tokens:
+    cfg = state.config
+    active = training and cfg.mode != "off"
+    layers = set(cfg.vision_layers if tower == "vision" else cfg.text_layers) if active else set()
+    seed = state.next_seed(tower, tokens.x.device) if layers else None
+    if active:
+        state.features[tower] = {}
+    upcoming = prompts_at(0)
+    for i, block in enumerate(blocks):
+        if upcoming is not None and i > 0:
+            tokens = tokens.with_prompts(upcoming)
+        upcoming = prompts_at(i + 1) if i + 1 < len(blocks) else None
+        mask = attention_mask(tokens.valid if tokens.padded else None, causal, tokens.length, tokens.x.device)
+        if i in layers:
+            tokens.x, q, k = block_forward(block, tokens.x, mask, cfg.attention, return_qk=True)
+            tokens = _iwtd_step(state, tokens, q, k, tower, i, seed, causal, upcoming is not None)
+        else:
+            tokens.x = block_forward(block, tokens.x, mask, cfg.attention)
+    return tokens
+
+
+# --------------------------------------------------------------------------
+# towers
+# --------------------------------------------------------------------------
+
+
+class DropleVisionTransformer:
+    """Mixin over open_clip's VisionTransformer."""
+
+    def forward(self, x: torch.Tensor):
+        state = _state(self)
+        hook = state.hook
+        x = self._embeds(x)
+        B, S, _ = x.shape
+        eligible = torch.arange(S, device=x.device) > 0  # every token but CLS
+        tokens = start(x, eligible, torch.zeros(B, dtype=torch.int64, device=x.device))
+        prompts_at = (lambda i: hook.vision_prompts(i, B)) if hook is not None else (lambda i: None)
+        first = prompts_at(0)
+        if first is not None:
+            tokens = tokens.with_prompts(first)
+        tokens = _run_blocks(state, self.training, self.transformer.resblocks, tokens, "vision", False, prompts_at)
+        pooled, out_tokens = self._pool(tokens.x)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        if self.output_tokens:
+            return pooled, out_tokens
+        return pooled
+
+
+def _eos_positions(text: torch.Tensor, pool_type: str, eos_id) -> torch.Tensor:
+    if pool_type == "argmax":
+        return text.argmax(dim=-1)
+    if pool_type == "eos":
+        return (text == eos_id).to(torch.int64).argmax(dim=-1)
+    raise ValueError(f"text pool type {pool_type!r} is not supported (need 'argmax' or 'eos')")
+
+
+def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str, eos_id) -> torch.Tensor:
+    """The text tower of ``owner`` (a CLIP or a TextTransformer) with prompts, IWTD and EOS trimming."""
+    state = _state(owner)
+    hook = state.hook
+    cast_dtype = owner.transformer.get_cast_dtype()
+    eos = _eos_positions(text, pool_type, eos_id)
+    if state.config.eos_trim and not torch.compiler.is_compiling():
+        # Causal attention: nothing after the last EOS can reach any pooled token.
+        text = text[:, : int(eos.max()) + 1]
+    B, S = text.shape
+    x = owner.token_embedding(text).to(cast_dtype) + owner.positional_embedding[:S].to(cast_dtype)
+    positions = torch.arange(S, device=x.device)
+    valid = positions[None, :] <= eos[:, None]
+    first = hook.text_prompts(0, B) if hook is not None else None
+    n_ctx = first.shape[1] if first is not None else 0
+    placeholder = (positions >= 1) & (positions <= n_ctx)
+    # Without a prompt learner every word token between SOS and EOS may be dropped.
+    free = first is None
+    eligible = valid & (positions[None, :] > 0) & (positions[None, :] < eos[:, None]) if free else \
+        torch.zeros_like(valid)
+    tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx)
+    tokens.padded = True
+    tokens.free_eligible = free
+    if first is not None:
+        first = first.to(cast_dtype) + owner.positional_embedding[1:1 + n_ctx].to(cast_dtype)
+        tokens = tokens.with_prompts(first)
+    prompts_at = (lambda i: hook.text_prompts(i, B)) if hook is not None else (lambda i: None)
+    tokens = _run_blocks(state, training, owner.transformer.resblocks, tokens, "text", True, prompts_at)
+    x = owner.ln_final(tokens.x)
+    pooled = x[torch.arange(B, device=x.device), tokens.anchor]
+    proj = owner.text_projection
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+    return pooled
+
+
+class DropleTextTransformer:
+    """Mixin over open_clip's TextTransformer (CustomTextCLIP.text)."""
+
+    def forward(self, text):
+        pooled = encode_text_tokens(self, text, self.training, self.pool_type, getattr(self, "eos_id", None))
+        if self.output_tokens:
+            raise ValueError("output_tokens is not supported by the drople_fast text tower")
+        return pooled
+
+
+class DropleCLIP:
+    """Mixin over open_clip's CLIP, whose text tower lives on the model itself."""
+
+    def encode_text(self, text, normalize: bool = False):
+        x = encode_text_tokens(self, text, self.training, self.text_pool_type, getattr(self, "text_eos_id", None))
+        return nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+# --------------------------------------------------------------------------
+# apply / remove
+# --------------------------------------------------------------------------
+
+_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _patched_class(cls: type, mixin: type) -> type:
+    key = (cls, mixin)
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(f"Drople{cls.__name__}", (mixin, cls), {"_drople_original": cls})
+    return _PATCHED_CLASSES[key]
+
+
+def _towers(model: nn.Module):
+    """(vision module, text owner, text mixin) after checking the model is a supported ViT CLIP."""
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    name = type(model).__name__
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise ValueError(f"{name} is already patched by drople_fast; call drople_fast.remove first")
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"{name}: drople_fast supports open_clip ViT towers, got visual="
+                         f"{type(visual).__name__} (ResNet and timm towers are not supported)")
+    if visual.attn_pool is not None or visual.pool_type != "tok":
+        raise ValueError(f"{name}: only CLS-token pooling is supported, got pool_type={visual.pool_type!r}"
+                         f"{' with an attention pooler' if visual.attn_pool is not None else ''}")
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):
+        if text.cls_emb is not None:
+            raise ValueError(f"{name}: text towers with a class token (CoCa) are not supported")
+        owner, mixin, pool = text, DropleTextTransformer, text.pool_type
+    elif hasattr(model, "transformer") and hasattr(model, "token_embedding"):
+        owner, mixin, pool = model, DropleCLIP, getattr(model, "text_pool_type", "argmax")
+    else:
+        raise ValueError(f"{name}: no supported open_clip text tower found")
+    if pool not in ("argmax", "eos"):
+        raise ValueError(f"{name}: text pool type {pool!r} is not supported (need 'argmax' or 'eos')")
+    for tower, blocks in (("vision", visual.transformer.resblocks), ("text", owner.transformer.resblocks)):
+        for i, block in enumerate(blocks):
+            check_block(block, f"{name} {tower} block {i}")
+    return visual, owner, mixin
+
+
+def apply(model: nn.Module, config: Optional[IWTDConfig] = None) -> nn.Module:
+    """Patch ``model`` in place (and return it). Raises ValueError for unsupported models or layers."""
+    config = IWTDConfig() if config is None else config
+    visual, owner, text_mixin = _towers(model)
+    depth = {"vision": len(visual.transformer.resblocks), "text": len(owner.transformer.resblocks)}
+    for tower, layers in (("vision", config.vision_layers), ("text", config.text_layers)):
+        bad = [i for i in layers if not 0 <= i < depth[tower]]
+        if bad:
+            raise ValueError(f"{tower}_layers {bad} out of range for a {depth[tower]}-layer {tower} tower")
+    if config.attention == "xformers":
+        device = next(model.parameters()).device
+        reason = xformers_unavailable(device)
+        if reason:
+            raise ValueError(f"attention='xformers' refused: {reason}")
+    vision_width = visual.transformer.width
+    text_width = owner.transformer.width
+    param = next(model.parameters())
+    bridge = BridgeModule(vision_width, text_width, config.bridge_tokens, config.bridge_dim)
+    bridge.to(device=param.device)
+    originals = [(visual, type(visual)), (owner, type(owner))]
+    state = PatchState(config, bridge, originals)
+    visual.__class__ = _patched_class(type(visual), DropleVisionTransformer)
+    owner.__class__ = _patched_class(type(owner), text_mixin)
+    for module in {id(m): m for m in (model, visual, owner)}.values():
+        object.__setattr__(module, STATE_ATTR, state)
+    model.add_module(BRIDGE_ATTR, bridge)
+    state.state_hooks = [
+        model._register_state_dict_hook(_hide_bridge),
+        model.register_load_state_dict_post_hook(_forgive_missing_bridge),
+    ]
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: original classes back, bridge and state gone."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by drople_fast; nothing to remove")
+    for module, cls in state.originals:
+        module.__class__ = cls
+    for module in {id(m): m for m, _ in state.originals}.values():
+        if STATE_ATTR in module.__dict__:
+            object.__delattr__(module, STATE_ATTR)
+    if STATE_ATTR in model.__dict__:
+        object.__delattr__(model, STATE_ATTR)
+    for handle in state.state_hooks:
+        handle.remove()
+    del model._modules[BRIDGE_ATTR]
+    return model
+
+
+def _hide_bridge(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + BRIDGE_ATTR + ".")]:
+        del state_dict[key]
+    return state_dict
+
+
+def _forgive_missing_bridge(module, incompatible):
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(BRIDGE_ATTR + ".")]
+
+
+# --------------------------------------------------------------------------
+# accessors
+# --------------------------------------------------------------------------
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def get_state(model: nn.Module) -> PatchState:
+    return _state(model)
+
+
+def set_prompt_hook(model: nn.Module, hook: Optional[PromptHook]) -> None:
+    """Install the object that supplies per-layer prompt tokens (None removes it)."""
+    _state(model).hook = hook
+
+
+def bridge_features(model: nn.Module) -> dict[str, dict[int, torch.Tensor]]:
+    """Per tower, per IWTD layer, the (batch, M, P) bridge features of the last training forward."""
+    return _state(model).features
+
+
+def patch_state_dict(model: nn.Module) -> dict:
+    """What the patch adds to a checkpoint: bridge weights and the IWTD step counters."""
+    state = _state(model)
+    return {"bridge": state.bridge.state_dict(), "counters": {t: int(c) for t, c in state.counters.items()}}
+
+
+def load_patch_state_dict(model: nn.Module, saved: dict) -> None:
+    state = _state(model)
+    state.bridge.load_state_dict(saved["bridge"])
+    for tower, value in saved["counters"].items():
+        state.counters[tower].fill_(value)

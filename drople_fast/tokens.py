@@ -1,0 +1,93 @@
+"""Token bookkeeping that survives compaction: padding, anchor, prompt positions.
+
+A tower's sequence is always laid out as ``[anchor-prefix, prompts, rest]``:
+vision ``[CLS, P_1..P_n, patches]`` and text ``[SOS, ctx_1..ctx_n, words, EOS,
+pad]``. Compaction keeps the original order, so surviving prompts stay right
+after position 0 and a layer's new prompts always go in at position 1. The
+vision anchor (CLS) stays at 0; the text anchor (EOS) is tracked per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from . import ops
+from .reference import keep_order
+
+
+@dataclass
+class Tokens:
+    x: torch.Tensor  # (B, S, D)
+    valid: torch.Tensor  # (B, S) bool, False = padding
+    prompt: torch.Tensor  # (B, S) bool, positions holding prompt tokens
+    eligible: torch.Tensor  # (B, S) bool, IWTD may drop these (prompts are added on insertion)
+    anchor: torch.Tensor  # (B,) int64
+    num_prompts: int = 0  # prompts in the layout when every sample has them all at 1..num_prompts
+    scattered: bool = False  # some prompts were dropped, so prompt positions differ per sample
+    padded: bool = False  # some position may be padding
+    free_eligible: bool = False  # text without a prompt learner: word tokens are eligible
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+    def gather(self, index: torch.Tensor, prompts_kept: str, padded: bool) -> "Tokens":
+        """Keep the positions in ``index`` (B, K), -1 = padding; flags follow their tokens.
+
+        ``prompts_kept``: "all" (layout unchanged), "none" (every prompt removed) or
+        "some" (prompts now sit at different positions per sample).
+        """
+        ok = index >= 0
+        safe = index.clamp(min=0)
+        pick = lambda t: torch.gather(t, 1, safe) & ok  # noqa: E731
+        anchor = (index == self.anchor[:, None]).to(torch.int64).argmax(dim=1)
+        scattered = prompts_kept == "some" and (self.num_prompts > 0 or self.scattered)
+        return replace(self, x=ops.gather_tokens(self.x, index), valid=pick(self.valid), prompt=pick(self.prompt),
+                       eligible=pick(self.eligible), anchor=anchor, padded=self.padded or padded,
+                       num_prompts=self.num_prompts if prompts_kept == "all" else 0,
+                       scattered=False if prompts_kept == "none" else (self.scattered or scattered))
+
+    def keep(self, keep: torch.Tensor, prompts_kept: str = "some") -> "Tokens":
+        """Keep the positions where ``keep`` (B, S) is True (data-dependent width, so padded)."""
+        order, count = keep_order(keep)
+        width = int(count.max())
+        return self.gather(order[:, :width], prompts_kept, padded=True)
+
+    def without_prompts(self) -> "Tokens":
+        """Remove the prompt tokens (before the next layer supplies its own)."""
+        if self.num_prompts == 0 and not self.scattered:
+            return self
+        if not self.scattered:
+            n = self.num_prompts
+            cut = lambda t: torch.cat([t[:, :1], t[:, 1 + n:]], dim=1)  # noqa: E731
+            anchor = torch.where(self.anchor > 0, self.anchor - n, self.anchor)
+            return replace(self, x=cut(self.x), valid=cut(self.valid), prompt=cut(self.prompt),
+                           eligible=cut(self.eligible), anchor=anchor, num_prompts=0)
+        return self.keep(self.valid & ~self.prompt, prompts_kept="none")
+
+    def with_prompts(self, prompts: torch.Tensor, eligible: bool = True) -> "Tokens":
+        """Insert (1 or B, n, D) prompts at position 1, replacing any prompts present."""
+        base = self.without_prompts()
+        B, n = base.batch, prompts.shape[1]
+        prompts = prompts.to(base.x.dtype).expand(B, -1, -1)
+        flag = lambda value: torch.full((B, n), value, dtype=torch.bool, device=base.x.device)  # noqa: E731
+        join = lambda t, mid: torch.cat([t[:, :1], mid, t[:, 1:]], dim=1)  # noqa: E731
+        anchor = torch.where(base.anchor > 0, base.anchor + n, base.anchor)
+        return replace(base, x=join(base.x, prompts), valid=join(base.valid, flag(True)),
+                       prompt=join(base.prompt, flag(True)), eligible=join(base.eligible, flag(eligible)),
+                       anchor=anchor, num_prompts=n)
+
+
+def start(x: torch.Tensor, eligible: torch.Tensor, anchor: torch.Tensor, valid: Optional[torch.Tensor] = None,
+          prompt: Optional[torch.Tensor] = None, num_prompts: int = 0) -> Tokens:
+    B, S, _ = x.shape
+    full = torch.ones(B, S, dtype=torch.bool, device=x.device)
+    return Tokens(x=x, valid=full if valid is None else valid, prompt=torch.zeros_like(full) if prompt is None else prompt,
+                  eligible=eligible.expand(B, S), anchor=anchor, num_prompts=num_prompts,
+                  padded=valid is not None)
