@@ -1,13 +1,14 @@
 """drople_fast: fast DroPLe (Dropout Prompt Learning) for open_clip CLIP models."""
 from .config import IWTDConfig
 from .functional import Compacted, IWTDOutput, compact, compact_fixed, iwtd
+from .modules import IWTD
 from .patch import (PromptHook, apply, bridge_features, is_patched, load_patch_state_dict, patch_state_dict, remove,
                     set_prompt_hook)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IWTDConfig", "IWTDOutput", "Compacted", "iwtd", "compact", "compact_fixed",
+    "IWTDConfig", "IWTD", "IWTDOutput", "Compacted", "iwtd", "compact", "compact_fixed",
     "apply", "remove", "is_patched", "set_prompt_hook", "bridge_features", "patch_state_dict",
     "load_patch_state_dict", "PromptHook", "__version__",
 ]

@@ -92,6 +92,8 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)
     prompts_kept = "none" if replace_next else "some"
     if cfg.mode == "drop":
+        if not replace_next:  # the kernel's own compaction indices
+            return tokens.gather(out.keep_index, prompts_kept, padded=True)
         return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_kept)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
     out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)

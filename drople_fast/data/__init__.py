@@ -1,0 +1,43 @@
+"""Datasets in the CoOp layout, few-shot sampling, transforms and synthetic data."""
+from .datasets import (
+    DatasetSplits,
+    ImageDataset,
+    Record,
+    canonical_name,
+    dataset_names,
+    get_dataset,
+    load_image,
+    load_split_json_dataset,
+)
+from .sampling import (
+    base_novel_labels,
+    few_shot_split,
+    long_tail_counts,
+    long_tail_subsample,
+    sample_few_shot,
+    subsample_classes,
+)
+from .synthetic import write_synthetic_coop_dataset
+from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+
+__all__ = [
+    "DatasetSplits",
+    "ImageDataset",
+    "Record",
+    "canonical_name",
+    "dataset_names",
+    "get_dataset",
+    "load_image",
+    "load_split_json_dataset",
+    "base_novel_labels",
+    "few_shot_split",
+    "long_tail_counts",
+    "long_tail_subsample",
+    "sample_few_shot",
+    "subsample_classes",
+    "write_synthetic_coop_dataset",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "eval_transform",
+    "train_transform",
+]
