@@ -65,12 +65,16 @@ attention forward, as DESIGN §3 says), stage C ~ 2 * 64 * 256 * 768 ~ 25 MFLOP
 of fp32 FMA dot, A and D are O(H * S * Dh) and O(S). One SM therefore needs
 roughly 15-30 us for stage B and ~50 us for stage C, so a layer costs about
 50-100 us whatever the batch as long as B <= 132 (one program per SM); with the
-few-shot batch of 4 most SMs are idle. If that shows up in profiles, the next
-step is a (B, H) grid for stage B (needs a second tiny launch or atomics for the
-head mean) and a bf16x3 split of the bridge dot. Text (S=77, B = number of
-classes) fills the machine and is dominated by launch overhead. 4 warps with
-64-wide blocks keep the (64, 64) fp32 logit tile at 32 registers per thread;
-2 pipeline stages are enough for the short key loops.
+few-shot batch of 4 most SMs are idle. fp32 q/k take the IEEE (FMA, no tensor
+core) path in stage B, ~200 us per layer; run under bf16/fp16 autocast for
+speed. If this shows up in profiles, the next step is a (B, H) grid for stage B
+(needs a second tiny launch or atomics for the head mean) and a bf16x3 split of
+the bridge dot. Text (S=77, B = number of classes) fills the machine. The
+scratch buffer is (B, (3 + BLOCK_M) * BLOCK_S) fp32, e.g. 34 MB for 1000 text
+prompts at S=77; recomputing the bridge logits instead would trade that memory
+for twice the stage C work. 4 warps with 64-wide blocks keep the (64, 64) fp32
+logit tile at 32 registers per thread; 2 pipeline stages suffice for the short
+key loops.
 """
 from __future__ import annotations
 
@@ -82,7 +86,6 @@ import triton.language as tl
 
 from ..ops import fused_fake
 
-_EPS = 1e-8
 _MAX_BRIDGE_TOKENS = 128
 
 
@@ -271,7 +274,7 @@ def _iwtd_fused_kernel(
     seed = tl.load(seed_ptr)
     u = tl.rand(seed, tok_base + offs.to(tl.int64))
     drop = elig & (u < prob)
-    keep = valid & (drop == 0)
+    keep = valid & ~drop
     keep_i = keep.to(tl.int32)
     count = tl.sum(keep_i, axis=0)
     slot = tl.cumsum(keep_i, axis=0) - 1  # prefix sum: kept token j goes to slot #kept before j
@@ -322,7 +325,7 @@ def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, cau
     BLOCK_DH = _pow2(Dh)
     BLOCK_M = _pow2(M)
     BLOCK_D = min(64 if BLOCK_M <= 64 else 32, _pow2(D))
-    BLOCK_H = _pow2(H, lo=1)
+    BLOCK_H = _pow2(H, lo=2)
     scratch = torch.empty(B, (3 + BLOCK_M) * BLOCK_S, dtype=torch.float32, device=device)
     dot_fp32 = _interpreting() or q.dtype == torch.float32
     p_range = float(p_max) - float(p_min)  # double, rounded once to fp32, as in the reference
