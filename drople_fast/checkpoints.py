@@ -29,7 +29,7 @@ import os
 import re
 import warnings
 import zipfile
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -49,7 +49,8 @@ def _unreadable(path: str, exc: BaseException) -> ValueError:
 # mlp.fc1/fc2), pre_layrnorm (sic), post_layernorm, final_layer_norm, and the
 # bias-free visual_projection / text_projection Linear layers.
 
-_TOWERS = (("visual.", "visual.transformer.resblocks.", "vision_model."), ("", "transformer.resblocks.", "text_model."))
+# (open_clip residual-block prefix, HF tower prefix) for the vision and text towers
+_TOWERS = (("visual.transformer.resblocks.", "vision_model."), ("transformer.resblocks.", "text_model."))
 
 _BLOCK_RENAMES = {  # open_clip suffix -> HF suffix inside one residual block
     "attn.out_proj.weight": "self_attn.out_proj.weight",
@@ -97,7 +98,7 @@ def open_clip_to_hf(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         if key in _TRANSPOSED:
             out[_TRANSPOSED[key]] = value.t()
             continue
-        for _, block_prefix, hf_prefix in _TOWERS:
+        for block_prefix, hf_prefix in _TOWERS:
             m = re.fullmatch(re.escape(block_prefix) + r"(\d+)\.(.+)", key)
             if not m:
                 continue
@@ -135,7 +136,7 @@ def hf_to_open_clip(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         if key in transposed:
             out[transposed[key]] = value.t()
             continue
-        for _, block_prefix, hf_prefix in _TOWERS:
+        for block_prefix, hf_prefix in _TOWERS:
             m = re.fullmatch(re.escape(hf_prefix) + r"encoder\.layers\.(\d+)\.(.+)", key)
             if not m:
                 continue
@@ -187,7 +188,10 @@ def _read_file(path: str, weights_only: bool) -> Tuple[Dict, str]:
         return _read_safetensors(path), "open_clip"
     if _is_torchscript(path):
         try:
-            archive = torch.jit.load(path, map_location="cpu")
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream, but it is the only way to read OpenAI's files
+                warnings.simplefilter("ignore", FutureWarning)
+                archive = torch.jit.load(path, map_location="cpu")
         except Exception as exc:
             raise _unreadable(path, exc) from exc
         return dict(archive.state_dict()), "openai_torchscript"

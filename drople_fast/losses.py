@@ -176,6 +176,6 @@ def drople_loss(
         - w.entropy * (terms["entropy_txt"] + terms["entropy_vis"])
         + w.align * terms["align"]
     )
-    terms["lambda"] = torch.tensor(lam)
+    terms["lambda"] = logits.new_tensor(lam)
     terms["total"] = total
     return total, terms
