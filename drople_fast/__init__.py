@@ -7,6 +7,11 @@ from .patch import (PromptHook, apply, bridge_features, is_patched, load_patch_s
 
 __version__ = "0.1.0"
 
+# Load the C++ operator now, not on the first call (which may be inside a torch.compile trace).
+from . import ops as _ops  # noqa: E402
+
+_ops.cpp_extension_error()
+
 __all__ = [
     "IWTDConfig", "IWTD", "IWTDOutput", "Compacted", "iwtd", "compact", "compact_fixed",
     "apply", "remove", "is_patched", "set_prompt_hook", "bridge_features", "patch_state_dict",

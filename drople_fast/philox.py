@@ -22,7 +22,7 @@ ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
 # Largest float32 such that (2**31 - 1) * scale < 1 (Triton's uint_to_uniform_float).
 UNIFORM_SCALE = 4.6566127342e-10
-# XOR-ed into the seed's high word to give fixed-budget sampling its own stream.
+# XOR-ed into the seed's high word to give fixed-budget sampling its own stream (< 2**31: fits int64).
 GUMBEL_STREAM = 0x6A09E667
 
 
@@ -66,13 +66,29 @@ def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
 
+def _token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
+    offsets = torch.arange(batch * seq, device=device, dtype=torch.int64)
+    return uniform_from_uint32(philox4x32(seed, offsets)).reshape(batch, seq)
+
+
+# A custom op, so torch.compile treats the generator as one opaque call: inductor
+# would otherwise fuse the ten unrolled rounds into one huge expression (minutes of compile).
+@torch.library.custom_op("drople_fast::token_uniform", mutates_args=())
+def _token_uniform_op(seed: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    return _token_uniform(seed.reshape(()), batch, seq, seed.device)
+
+
+@_token_uniform_op.register_fake
+def _(seed, batch, seq):
+    return seed.new_empty((batch, seq), dtype=torch.float32)
+
+
 def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
     """Uniform draws (B, S) float32 at offsets ``b * S + j``, as every backend uses."""
     if isinstance(seed, torch.Tensor):
-        device = seed.device if device is None else device
-        seed = seed.reshape(())
-    offsets = torch.arange(batch * seq, device=device, dtype=torch.int64)
-    return uniform_from_uint32(philox4x32(seed, offsets)).reshape(batch, seq)
+        seed = seed.to(device=seed.device if device is None else device, dtype=torch.int64).reshape(1)
+        return _token_uniform_op(seed, batch, seq)
+    return _token_uniform(seed, batch, seq, device)
 
 
 def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
@@ -81,7 +97,7 @@ def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
 
 
 # Keys of the two uniform streams behind the perturb-mode normal noise.
-NORMAL_STREAMS = (0x3C6EF372, 0xA54FF53A)
+NORMAL_STREAMS = (0x3C6EF372, 0x510E527F)  # < 2**31, so seed ^ (key << 32) fits int64
 
 
 def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
