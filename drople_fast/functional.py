@@ -9,7 +9,7 @@ import torch
 from . import ops
 from .backends import select_backend
 from .philox import gumbel_seed, token_uniform
-from .reference import bridge_features, fold_bridge
+from .reference import bridge_features, fold_bridge, keep_order
 from .validation import check_iwtd_args
 
 
@@ -128,14 +128,17 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
     uniform = token_uniform(gumbel_seed(seed_t), B, S).clamp(min=1e-20)
     gumbel = -torch.log(-torch.log(uniform))
     log_keep = torch.log((1.0 - out.drop_prob).clamp(min=1e-30))
-    always = out.valid & ~out.eligible
     score = torch.where(out.eligible, log_keep + gumbel, torch.full_like(gumbel, -math.inf))
-    score = torch.where(always, torch.full_like(score, math.inf), score)
-    top = torch.topk(score, width, dim=1)
-    chosen_ok = torch.gather(out.valid, 1, top.indices) & (top.values > -math.inf)
-    # Original order, with the -1 padding of short samples last.
-    index = torch.sort(torch.where(chosen_ok, top.indices, S), dim=1).values
-    return torch.where(index < S, index, -1)
+    # Rank eligible tokens within each sample; the best `keep` survive whatever the always-kept count.
+    rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+    always = out.valid & ~out.eligible
+    kept = always | (out.eligible & (rank < keep))
+    if not torch.compiler.is_compiling():
+        most = int(always.sum(dim=1).max()) if B else 0
+        if most > num_always:
+            raise ValueError(f"num_always={num_always} but a sample has {most} valid non-eligible tokens")
+    order, _ = keep_order(kept)
+    return order[:, :width]
 
 
 def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: Optional[int] = None,

@@ -59,7 +59,8 @@ def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
     logits = torch.einsum("mp,pd,bsd->bms", bridge_tokens, bridge_weight, hidden)
     logits = logits + (bridge_tokens @ bridge_bias)[None, :, None]
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    gate = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
+    # Softmax in at least float32 (low-precision inputs), in float64 when given float64.
+    gate = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(hidden.dtype)
     return (gate @ hidden) @ bridge_weight.t() + bridge_bias
 
 
