@@ -1,0 +1,58 @@
+"""Wall time per training epoch of the demo's DroPLe run, IWTD "off" vs "perturb" vs "drop", in one run.
+
+    pytest bench/bench_epoch.py --benchmark-only [--benchmark-json epoch.json]
+
+Same data and learner as ``drople-fast demo`` (16 synthetic classes, base-to-novel,
+8 shots, batch 4 -> 64 images / 16 steps per epoch on the tiny 12-layer CLIP). The
+tiny CLIP's weights do not change the cost of a step, so the demo's contrastive
+pre-training is skipped. One torch thread (what the demo uses) unless
+DROPLE_BENCH_THREADS says otherwise.
+"""
+import os
+
+import pytest
+import torch
+
+from drople_fast.data import write_synthetic_coop_dataset
+from drople_fast.trainer import TrainConfig, build_clip, build_training, make_plan, seed_everything, train_one_epoch
+
+MODES = ["off", "perturb", "drop"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo-data"))
+    write_synthetic_coop_dataset(root, num_classes=16, images_per_class=40, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_epoch_time(benchmark, demo_root, tmp_path, mode):
+    threads = int(os.environ.get("DROPLE_BENCH_THREADS", "1"))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = TrainConfig(dataset="Synthetic", root=demo_root, protocol="base2novel", shots=8, seed=1, epochs=5,
+                          batch_size=4, iwtd={"mode": mode}, crop_scale_min=0.5,
+                          output_dir=str(tmp_path / "unused"), fewshot_cache=str(tmp_path / "cache"),
+                          progress=False)
+        plan = make_plan(cfg)
+        clip = build_clip(cfg.model, None)
+        seed_everything(cfg.seed)
+        setup = build_training(cfg, plan, clip, torch.device("cpu"))
+        setup.learner.train()
+        state = {"epoch": 0}
+
+        def one_epoch():
+            _, batches, images = train_one_epoch(setup.learner, setup.loader, setup.optimizer, setup.scheduler,
+                                                 torch.device("cpu"), False, state["epoch"] % cfg.epochs,
+                                                 cfg.epochs)
+            state["epoch"] += 1
+            return images
+
+        images = benchmark.pedantic(one_epoch, rounds=3, warmup_rounds=1, iterations=1)
+        benchmark.extra_info.update({"mode": mode, "images_per_epoch": images, "threads": threads,
+                                     "steps_per_epoch": len(setup.loader)})
+        assert images == 64
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,616 @@
+"""Training and evaluation: ``drople_fast.train(TrainConfig(...))``.
+
+A run directory holds, in the order they appear:
+
+* ``config.json``   the resolved configuration;
+* ``checkpoint.pt`` written atomically (tmp + ``os.replace``) after every
+  epoch: learner prompts/LoRA, ``drople_fast.patch_state_dict`` (bridge and
+  IWTD step counters), optimizer, scheduler, every RNG state (torch, CUDA,
+  numpy, random, the dataloader generator) and the per-epoch history;
+* ``metrics.jsonl`` one JSON line per finished epoch (rewritten from the
+  checkpoint's history, so it never disagrees with it);
+* ``results.md``    the evaluation table (zero-shot vs DroPLe);
+* ``metrics.json``  the final metrics in :mod:`drople_fast.report`'s schema,
+  written last: a run without it is incomplete, whatever else is there.
+
+``resume=True`` continues from ``checkpoint.pt`` with every state restored,
+so the final weights are bitwise those of an uninterrupted run. The model of
+the last epoch is evaluated; no test split is ever used for selection.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1) training uses
+DistributedDataParallel (gloo on CPU, nccl on CUDA) with a
+DistributedSampler; rank 0 writes the run directory and evaluates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import IWTDConfig
+from .losses import LossWeights
+from .patch import apply, load_patch_state_dict, patch_state_dict
+from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "drople_fast-checkpoint-v1"
+# Config fields that may differ between a run and its resumption.
+_RESUME_FREE = {"resume", "num_workers", "progress", "output_dir", "device", "eval_batch_size", "num_threads"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs (release defaults for ViT-B/16 prompt learning).
+
+    ``model``: "tiny" (:func:`drople_fast.models.create_tiny_clip`) or an
+    open_clip model name such as "ViT-B-16" (use "ViT-B-16-quickgelu" with
+    OpenAI weights). ``pretrained``: a local open_clip checkpoint, OpenAI
+    TorchScript archive or Hugging Face CLIP folder (nothing downloads).
+    ``iwtd``: an :class:`IWTDConfig` or a dict of its fields.
+    ``shots`` <= 0 means the full training split.
+    """
+
+    dataset: str = "Synthetic"
+    root: str = "data"
+    protocol: str = "base2novel"
+    shots: int = 16
+    seed: int = 1
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 2e-4
+    lora_lr: float = 2e-5
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 0.0
+    model: str = "tiny"
+    pretrained: Optional[str] = None
+    iwtd: Any = field(default_factory=IWTDConfig)
+    lora_rank: int = 0
+    n_ctx: int = 4
+    text_depth: int = 9
+    vision_depth: int = 6
+    loss_weights: Any = field(default_factory=LossWeights)
+    descriptions: Optional[str] = None
+    targets: Optional[List[str]] = None
+    imbalance: float = 10.0
+    randaugment: bool = True
+    crop_scale_min: float = 0.08
+    output_dir: str = "runs/drople"
+    fewshot_cache: Optional[str] = None
+    device: str = "auto"
+    num_workers: int = 0
+    eval_batch_size: int = 64
+    bf16: bool = True
+    num_threads: Optional[int] = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.iwtd, dict):
+            self.iwtd = IWTDConfig(**self.iwtd)
+        if isinstance(self.loss_weights, dict):
+            self.loss_weights = LossWeights(**self.loss_weights)
+        self.protocol = canonical_protocol(self.protocol)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.lora_lr < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and lora_lr, weight_decay >= 0")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["iwtd"]["vision_layers"] = list(d["iwtd"]["vision_layers"])
+        d["iwtd"]["text_layers"] = list(d["iwtd"]["text_layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {unknown}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------
+# setup helpers
+# --------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def build_clip(model: str, pretrained: Optional[str] = None, device: torch.device = torch.device("cpu")):
+    """An (unpatched) open_clip model, with local weights loaded if ``pretrained`` is given."""
+    import open_clip
+
+    from .checkpoints import load_pretrained
+    from .models import create_tiny_clip
+
+    if model == "tiny":
+        clip = create_tiny_clip(seed=0)
+    else:
+        if model not in open_clip.list_models():
+            raise ValueError(f"unknown model {model!r}; use 'tiny' or an open_clip name such as 'ViT-B-16'")
+        clip = open_clip.create_model(model, pretrained=None)
+    if pretrained is not None:
+        if not os.path.exists(pretrained):
+            raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
+        load_pretrained(clip, pretrained)
+    return clip.to(device)
+
+
+def image_size_of(clip) -> int:
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _dist_info() -> Tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _atomic_json(path: str, payload: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Dict:
+    """Read a run checkpoint; a missing, truncated or foreign file is a clear error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) \
+            from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a drople_fast run checkpoint")
+    return ckpt
+
+
+def _np_state() -> List:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _set_np_state(state: List) -> None:
+    name, keys, pos, has_gauss, gauss = state
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _rng_state(loader_gen: torch.Generator) -> Dict:
+    state = {"torch": torch.get_rng_state(), "numpy": _np_state(), "random": list(random.getstate()),
+             "loader": loader_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict, loader_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    _set_np_state(state["numpy"])
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    loader_gen.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _autocast(device: torch.device, bf16: bool):
+    enabled = bf16 and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --------------------------------------------------------------------------
+# building blocks shared by train and evaluate
+# --------------------------------------------------------------------------
+
+
+def make_plan(cfg: TrainConfig) -> Plan:
+    cache = cfg.fewshot_cache
+    if cache is None:
+        cache = os.path.join(cfg.root, "split_fewshot")
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError:
+            cache = None  # read-only data root: sampling is seeded anyway
+    return build_plan(cfg.protocol, cfg.dataset, cfg.root, cfg.shots, cfg.seed, cache_dir=cache,
+                      targets=cfg.targets, imbalance=cfg.imbalance)
+
+
+def make_learner(cfg: TrainConfig, clip, classnames: Sequence[str], rank: int = 0):
+    from .learner import DroPLe
+
+    iwtd = dataclasses.replace(cfg.iwtd, seed=cfg.iwtd.seed + 1000 * cfg.seed + rank)
+    apply(clip, iwtd)
+    return DroPLe(clip, classnames, n_ctx=cfg.n_ctx, text_depth=cfg.text_depth, vision_depth=cfg.vision_depth,
+                  lora_rank=cfg.lora_rank, dataset=_dataset_of(cfg), descriptions=cfg.descriptions,
+                  loss_weights=cfg.loss_weights)
+
+
+def _dataset_of(cfg: TrainConfig) -> str:
+    from .data import canonical_name
+
+    return canonical_name(cfg.dataset)
+
+
+@torch.no_grad()
+def evaluate_split(learner, records, classnames, device, image_size: int, batch_size: int = 64,
+                   num_workers: int = 0, bf16: bool = True, progress: bool = True, desc: str = "eval"):
+    """(prompted accuracy %, zero-shot accuracy %) of ``learner`` on ``records``."""
+    from tqdm.auto import tqdm
+
+    from .data import ImageDataset, eval_transform
+
+    was_training = learner.training
+    learner.eval()
+    previous = list(learner.classnames)
+    try:
+        learner.set_classnames(classnames)
+        loader = torch.utils.data.DataLoader(ImageDataset(records, eval_transform(image_size)),
+                                             batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        correct = zs_correct = total = 0
+        with _autocast(device, bf16):
+            txt = learner.text_features()
+            txt_zs = learner.teacher_text_features()
+            for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+                images, labels = images.to(device), labels.to(device)
+                img = learner.image_features(images)
+                correct += int((learner.logits(img, txt).argmax(-1) == labels).sum())
+                img_zs = learner.teacher_image_features(images)
+                zs_correct += int(((img_zs @ txt_zs.t()).argmax(-1) == labels).sum())
+                total += labels.numel()
+    finally:
+        if previous:
+            learner.set_classnames(previous)
+        learner.train(was_training)
+    if total == 0:
+        raise ValueError(f"{desc}: nothing to evaluate")
+    return 100.0 * correct / total, 100.0 * zs_correct / total
+
+
+def evaluate_plan(learner, plan: Plan, cfg: TrainConfig, device, image_size: int) -> Tuple[Dict, Dict]:
+    accs, zs = {}, {}
+    for split in plan.evals:
+        accs[split.name], zs[split.name] = evaluate_split(
+            learner, split.records, split.classnames, device, image_size, cfg.eval_batch_size, cfg.num_workers,
+            cfg.bf16, cfg.progress, desc=f"eval {split.dataset}")
+    return metrics_from_accuracies(plan, accs), metrics_from_accuracies(plan, zs)
+
+
+def results_table(plan: Plan, metrics: Dict, zero_shot: Dict) -> str:
+    """Markdown table of zero-shot CLIP vs DroPLe on the plan's metrics."""
+    keys = [s.name for s in plan.evals] + (["hm"] if plan.protocol == "base2novel" else [])
+    label = {"base_acc": "Base", "novel_acc": "Novel", "hm": "HM", "acc": plan.dataset}
+    head = [label.get(k, k.replace("acc_", "")) for k in keys]
+    lines = [f"| Method | {' | '.join(head)} |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in (("Zero-shot CLIP", zero_shot), (f"DroPLe ({metrics.get('_mode', '')})".replace(" ()", ""),
+                                                   metrics)):
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def final_metrics(cfg: TrainConfig, plan: Plan, accs: Dict, zs: Dict, info: Dict) -> Dict:
+    """``metrics.json`` in the schema of :mod:`drople_fast.report`."""
+    out: Dict[str, Any] = {"dataset": plan.dataset, "seed": cfg.seed, "protocol": plan.protocol,
+                           "method": f"drople-{cfg.iwtd.mode}"}
+    if plan.protocol == "few_shot":
+        out["shots"] = cfg.shots
+    out.update({k: float(v) for k, v in accs.items()})
+    out.update({f"zs_{k}": float(v) for k, v in zs.items()})
+    if "images_per_s" in info:
+        out["images_per_s"] = float(info["images_per_s"])
+    out["info"] = info
+    return out
+
+
+# --------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSetup:
+    learner: Any
+    loader: Any
+    sampler: Any
+    generator: torch.Generator
+    optimizer: Any
+    scheduler: Any
+    image_size: int
+
+
+def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, world: int = 1,
+                   rank: int = 0) -> TrainingSetup:
+    """Learner, seeded data loader, AdamW (LoRA at its own lr) and the cosine schedule for ``plan``."""
+    from .data import ImageDataset, train_transform
+
+    learner = make_learner(cfg, clip, plan.train_classnames, rank).to(device)
+    image_size = image_size_of(clip)
+    dataset = ImageDataset(plan.train_records, train_transform(
+        image_size, randaugment=cfg.randaugment, crop_scale=(cfg.crop_scale_min, 1.0)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    drop_last = len(dataset) >= cfg.batch_size * world
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                                  shuffle=True, seed=cfg.seed, drop_last=drop_last)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         num_workers=cfg.num_workers, drop_last=drop_last, generator=gen,
+                                         worker_init_fn=_worker_init, persistent_workers=False)
+    lora = [p for n, p in learner.trainable_named_parameters() if n.startswith("lora.")]
+    rest = [p for n, p in learner.trainable_named_parameters() if not n.startswith("lora.")]
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": lora, "lr": cfg.lora_lr}] if lora else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(steps_per_epoch * cfg.epochs, int(round(cfg.warmup_epochs * steps_per_epoch))))
+    return TrainingSetup(learner, loader, sampler, gen, optimizer, scheduler, image_size)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
+                    world: int = 1) -> Tuple[Dict[str, float], int, int]:
+    """One pass over ``loader``: (summed loss terms, batches, images over all ranks)."""
+    sums: Dict[str, float] = {}
+    n_batches = n_images = 0
+    steps = len(loader)
+    for step, (images, labels) in enumerate(loader):
+        images, labels = images.to(device), labels.to(device)
+        with _autocast(device, bf16):
+            _, terms = model(images, labels, epoch + step / steps, epochs)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        scheduler.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n_batches += 1
+        n_images += labels.numel() * world
+    return sums, n_batches, n_images
+
+
+def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Tuple[Optional[Dict], bool]:
+    """(checkpoint to resume from or None, whether this call created the directory)."""
+    out = cfg.output_dir
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if cfg.resume:
+        if os.path.isfile(ckpt_path):
+            ckpt = load_checkpoint(ckpt_path)
+            _check_resume_config(ckpt["config"], cfg, ckpt_path)
+            return ckpt, False
+        if os.path.isfile(os.path.join(out, "metrics.json")):
+            raise ValueError(f"{out} has metrics.json but no {CHECKPOINT}; cannot resume")
+        return None, not os.path.isdir(out)
+    if exists and any(os.path.exists(os.path.join(out, n)) for n in (CHECKPOINT, "metrics.json", "config.json")):
+        raise ValueError(f"run directory {out} already holds a run; pass resume=True (--resume) or pick another")
+    return None, not os.path.isdir(out)
+
+
+def _check_resume_config(saved: Dict, cfg: TrainConfig, path: str) -> None:
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"cannot resume from {path}: configuration differs ({shown})")
+
+
+def train(config: TrainConfig | Dict) -> Dict:
+    """Train DroPLe as ``config`` says and return the final metrics (also in ``metrics.json``)."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+    world, rank, local_rank = _dist_info()
+    distributed = world > 1
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if (cfg.device != "cpu" and torch.cuda.is_available()) else "gloo"
+            dist.init_process_group(backend)
+        if cfg.device == "auto" and torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = resolve_device(cfg.device)
+    else:
+        device = resolve_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _train(cfg, device, world, rank, distributed)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distributed: bool) -> Dict:
+    from tqdm.auto import tqdm
+
+    main = rank == 0
+    done = os.path.join(cfg.output_dir, "metrics.json")
+    if cfg.resume and not distributed and os.path.isfile(done):
+        from .report import read_metrics
+
+        metrics = read_metrics(done)  # already complete: nothing to continue
+        metrics.pop("_path", None)
+        return metrics
+    # Everything that can fail on bad input happens before the run directory is touched.
+    plan = make_plan(cfg)
+    clip = build_clip(cfg.model, cfg.pretrained, device)
+    resume_ckpt, created = _prepare_run_dir(cfg, rank) if main else (None, False)
+    if distributed and cfg.resume:
+        path = os.path.join(cfg.output_dir, CHECKPOINT)
+        resume_ckpt = load_checkpoint(path) if os.path.isfile(path) else None
+    seed_everything(cfg.seed)
+    setup = build_training(cfg, plan, clip, device, world, rank)
+    learner, loader, sampler, gen = setup.learner, setup.loader, setup.sampler, setup.generator
+    optimizer, scheduler, image_size = setup.optimizer, setup.scheduler, setup.image_size
+
+    start_epoch, history = 0, []
+    if resume_ckpt is not None:
+        learner.load_prompt_state_dict(resume_ckpt["learner"], CHECKPOINT)
+        load_patch_state_dict(clip, resume_ckpt["patch"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        _set_rng_state(resume_ckpt["rng"], gen)
+        start_epoch, history = int(resume_ckpt["epoch"]), list(resume_ckpt["history"])
+
+    model = learner
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            learner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    out = cfg.output_dir
+    if main:
+        os.makedirs(out, exist_ok=True)
+        _atomic_json(os.path.join(out, "config.json"), cfg.to_dict())
+    try:
+        train_time = sum(h["time_s"] for h in history)
+        images_seen = sum(h["images"] for h in history)
+        bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {plan.dataset}", disable=not (cfg.progress and main),
+                   initial=start_epoch, total=cfg.epochs)
+        for epoch in bar:
+            if distributed:
+                sampler.set_epoch(epoch)
+            learner.train()
+            lr_now = optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.bf16,
+                                                        epoch, cfg.epochs, world)
+            elapsed = time.perf_counter() - t0
+            train_time += elapsed
+            images_seen += n_images
+            record = {"epoch": epoch + 1, "loss": sums.get("total", 0.0) / max(1, n_batches),
+                      **{f"loss_{k}": v / max(1, n_batches) for k, v in sums.items() if k != "total"},
+                      "lr": lr_now, "time_s": elapsed, "images": n_images,
+                      "images_per_s": n_images / elapsed if elapsed > 0 else 0.0}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if main:
+                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
+                              "learner": learner.prompt_state_dict(), "patch": patch_state_dict(clip),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "rng": _rng_state(gen), "history": history}, os.path.join(out, CHECKPOINT))
+                tmp = os.path.join(out, f"metrics.jsonl.tmp{os.getpid()}")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
+                os.replace(tmp, os.path.join(out, "metrics.jsonl"))
+        bar.close()
+        if distributed:
+            torch.distributed.barrier()
+        if not main:
+            return {}
+        accs, zs = evaluate_plan(learner, plan, cfg, device, image_size)
+        info = {"epochs": cfg.epochs, "shots": cfg.shots, "mode": cfg.iwtd.mode, "model": cfg.model,
+                "pretrained": cfg.pretrained, "world_size": world, "train_time_s": train_time,
+                "images_per_s": images_seen / train_time if train_time > 0 else 0.0,
+                "final_loss": history[-1]["loss"] if history else None, "run_dir": os.path.abspath(out)}
+        metrics = final_metrics(cfg, plan, accs, zs, info)
+        with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+            f.write(results_table(plan, {**accs, "_mode": cfg.iwtd.mode}, zs))
+        _atomic_json(os.path.join(out, "metrics.json"), metrics)
+        return metrics
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing behind.
+        if main and created and not os.path.isfile(os.path.join(out, CHECKPOINT)):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------
+# evaluate a finished (or checkpointed) run
+# --------------------------------------------------------------------------
+
+
+def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[str] = None,
+             root: Optional[str] = None, protocol: Optional[str] = None, device: str = "auto",
+             progress: bool = True, write: bool = True) -> Dict:
+    """Evaluate the learner saved in ``run_dir`` (or ``checkpoint``); optionally on another
+    dataset/protocol. Writes ``eval/<dataset>_<protocol>.json`` and ``.md`` in the run dir."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"run config not found: {cfg_path}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    cfg = TrainConfig.from_dict(saved)
+    ckpt_path = checkpoint or os.path.join(run_dir, CHECKPOINT)
+    ckpt = load_checkpoint(ckpt_path)
+    overrides = {k: v for k, v in (("dataset", dataset), ("root", root), ("protocol", protocol)) if v is not None}
+    ecfg = dataclasses.replace(cfg, device=device, progress=progress, **overrides)
+    plan = make_plan(ecfg)
+    dev = resolve_device(device)
+    clip = build_clip(cfg.model, cfg.pretrained, dev)
+    seed_everything(cfg.seed)
+    learner = make_learner(cfg, clip, plan.train_classnames).to(dev)
+    learner.load_prompt_state_dict(ckpt["learner"], ckpt_path)
+    try:
+        load_patch_state_dict(clip, ckpt["patch"])
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"{ckpt_path} does not match the model: {exc}".splitlines()[0]) from exc
+    accs, zs = evaluate_plan(learner, plan, ecfg, dev, image_size_of(clip))
+    metrics = final_metrics(ecfg, plan, accs, zs, {"checkpoint": os.path.abspath(ckpt_path),
+                                                   "epoch": ckpt["epoch"], "mode": cfg.iwtd.mode})
+    metrics["table"] = results_table(plan, {**accs, "_mode": cfg.iwtd.mode}, zs)
+    if write:
+        folder = os.path.join(run_dir, "eval")
+        os.makedirs(folder, exist_ok=True)
+        stem = f"{plan.dataset}_{plan.protocol}"
+        with open(os.path.join(folder, stem + ".md"), "w", encoding="utf-8") as f:
+            f.write(metrics["table"])
+        # not named metrics.json, so report never mixes re-evaluations with training runs
+        _atomic_json(os.path.join(folder, stem + ".json"), metrics)
+    return metrics
