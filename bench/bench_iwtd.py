@@ -10,8 +10,6 @@ needs), so the rows differ only in the backend. ``IWTD_BENCH_ROUNDS`` sets the r
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -45,9 +43,6 @@ def test_iwtd_reference_eager(run_bench, cpu_inputs, request, device):
 
 
 @pytest.mark.benchmark(group="iwtd")
-@pytest.mark.skipif(os.environ.get("IWTD_BENCH_COMPILE") != "1",
-                    reason="opt-in (IWTD_BENCH_COMPILE=1): inductor needs many minutes to compile the reference's "
-                           "10-round Philox on 2 CPU cores, which breaks the 3-minute budget of this file")
 def test_iwtd_reference_compiled(run_bench, cpu_inputs):
     import torch._dynamo
 

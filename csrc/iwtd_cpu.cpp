@@ -125,6 +125,7 @@ struct Problem {
   float p_max;      // float(p_max)
   float p_range;    // float(p_max - p_min) (difference taken in double, as in Python)
   int64_t seed;
+  int64_t row_stride;  // Philox offset of token j of sample b is b * row_stride + j
   const bool* eligible;
   const bool* valid;
   const int64_t* anchor;
@@ -307,7 +308,7 @@ void finalize(const Problem& P, int64_t b, const float* s1, const float* s2, con
       const float scaled = normalised * P.p_range;
       const float p = P.p_max - scaled;
       prob[j] = p;
-      drop = philox::token_uniform(P.seed, b * S + j) < p;
+      drop = philox::token_uniform(P.seed, b * P.row_stride + j) < p;
     } else {
       prob[j] = 0.f;
     }
@@ -399,7 +400,7 @@ void check_cpu_contiguous(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iwtd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& hidden, const at::Tensor& eligible,
     const at::Tensor& valid, const at::Tensor& anchor, const at::Tensor& folded, const at::Tensor& shift,
-    bool causal, double p_min, double p_max, const at::Tensor& seed) {
+    bool causal, double p_min, double p_max, const at::Tensor& seed, int64_t row_stride) {
   TORCH_CHECK(q.dim() == 4, "iwtd_cpu: q must be (B, H, S, Dh), got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), "iwtd_cpu: k must have the shape of q ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "iwtd_cpu: q and k must have one dtype, got ", q.scalar_type(),
@@ -426,6 +427,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iwtd_cpu(
               "iwtd_cpu: shift must be float32 (M,) = (", M, ",), got ", shift.scalar_type(), " ", shift.sizes());
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
               "iwtd_cpu: seed must be a one-element int64 tensor, got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK(row_stride <= 0 || row_stride >= S, "iwtd_cpu: row_stride must be 0 (= S) or >= S = ", S,
+              ", got ", row_stride);
   TORCH_CHECK(0.0 <= p_min && p_min <= p_max && p_max <= 1.0,
               "iwtd_cpu: need 0 <= p_min <= p_max <= 1, got p_min=", p_min, " p_max=", p_max);
   check_cpu_contiguous(q, "q");
@@ -464,6 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iwtd_cpu(
   P.p_max = static_cast<float>(p_max);
   P.p_range = static_cast<float>(p_max - p_min);
   P.seed = seed.reshape({}).item<int64_t>();
+  P.row_stride = row_stride > 0 ? row_stride : S;
   P.eligible = eligible.data_ptr<bool>();
   P.valid = valid.data_ptr<bool>();
   P.anchor = anchor_ptr;
@@ -487,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iwtd_cpu(
 TORCH_LIBRARY_FRAGMENT(drople_fast, m) {
   m.def(
       "iwtd_cpu(Tensor q, Tensor k, Tensor hidden, Tensor eligible, Tensor valid, Tensor anchor, "
-      "Tensor folded, Tensor shift, bool causal, float p_min, float p_max, Tensor seed) "
+      "Tensor folded, Tensor shift, bool causal, float p_min, float p_max, Tensor seed, int row_stride=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -17,12 +17,13 @@ namespace drople_fast {
 //   folded    (M, D) float32 (bridge tokens folded through the bridge map), shift (M,) float32
 //   causal    text tower (key k visible from query j only if k <= j)
 //   p_min <= p_max in [0, 1];  seed: one-element int64 tensor (Philox key)
+//   row_stride: Philox offset of (b, j) is b * row_stride + j (0 means S)
 // Returns (importance f32 (B,S), drop_prob f32 (B,S), drop_mask bool (B,S),
 //          keep_count int64 (B,), keep_order int64 (B,S): kept positions first
 //          in original order, then -1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iwtd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& hidden, const at::Tensor& eligible,
     const at::Tensor& valid, const at::Tensor& anchor, const at::Tensor& folded, const at::Tensor& shift,
-    bool causal, double p_min, double p_max, const at::Tensor& seed);
+    bool causal, double p_min, double p_max, const at::Tensor& seed, int64_t row_stride = 0);
 
 }  // namespace drople_fast

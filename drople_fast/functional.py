@@ -65,6 +65,7 @@ def iwtd(
     p_max: float = 0.5,
     seed: Union[int, torch.Tensor] = 0,
     backend: Optional[str] = None,
+    row_stride: int = 0,
 ) -> IWTDOutput:
     """Importance-weighted token dropout for one layer (DESIGN §1).
 
@@ -73,15 +74,19 @@ def iwtd(
     alignment module (M, P), (P, D), (P,); ``anchor_index``: int or (B,)
     (CLS = 0, text EOS); ``valid``: bool (B, S), False for padding;
     ``causal``: text tower; ``seed``: int or int64 tensor; ``backend``: None
-    (best usable), "reference", "cpp" or "triton".
+    (best usable), "reference", "cpp" or "triton"; ``row_stride``: Philox
+    offsets are ``b * row_stride + j`` (0 means S; the text tower passes its
+    untrimmed width so EOS trimming does not change the draws).
 
-    The mask is drawn with Philox at offset ``b * S + j``, so every backend
+    The mask is drawn with Philox at offset ``b * row_stride + j``, so every backend
     returns the same ``drop_mask`` for the same seed. ``bridge_features`` is
     differentiable with respect to the hidden states and the bridge module.
     """
     check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, anchor_index, valid,
                     p_min, p_max)
     B, _, S, _ = q.shape
+    if isinstance(row_stride, bool) or not isinstance(row_stride, int) or not (row_stride == 0 or row_stride >= S):
+        raise ValueError(f"row_stride must be 0 (meaning S) or an int >= S={S}, got {row_stride!r}")
     device = q.device
     eligible = eligible.expand(B, S).contiguous()
     valid = torch.ones(B, S, dtype=torch.bool, device=device) if valid is None else valid.contiguous()
@@ -95,7 +100,7 @@ def iwtd(
         importance, drop_prob, drop_mask, keep_count, keep_order = fused(
             q.detach().contiguous(), k.detach().contiguous(), hidden.detach().contiguous(),
             eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
-            bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device),
+            bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device), int(row_stride),
         )
     features = bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid)
     content = valid & (torch.arange(S, device=device)[None, :] != anchor[:, None])
@@ -112,7 +117,8 @@ def compact(hidden: torch.Tensor, out: IWTDOutput) -> Compacted:
     return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)
 
 
-def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[int, torch.Tensor] = 0):
+def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[int, torch.Tensor] = 0,
+                       row_stride: int = 0):
     """(B, keep + num_always) positions: all valid non-eligible tokens plus exactly ``keep`` eligible ones.
 
     Eligible tokens are sampled without replacement in proportion to their keep
@@ -125,7 +131,7 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
     if not 0 <= width <= S:
         raise ValueError(f"keep + num_always must be in [0, S={S}], got keep={keep} num_always={num_always}")
     seed_t = _seed_tensor(seed, out.drop_prob.device)
-    uniform = token_uniform(gumbel_seed(seed_t), B, S).clamp(min=1e-20)
+    uniform = token_uniform(gumbel_seed(seed_t), B, S, row_stride=row_stride).clamp(min=1e-20)
     gumbel = -torch.log(-torch.log(uniform))
     log_keep = torch.log((1.0 - out.drop_prob).clamp(min=1e-30))
     score = torch.where(out.eligible, log_keep + gumbel, torch.full_like(gumbel, -math.inf))
@@ -142,7 +148,7 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
 
 
 def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: Optional[int] = None,
-                  seed: Union[int, torch.Tensor] = 0) -> Compacted:
+                  seed: Union[int, torch.Tensor] = 0, row_stride: int = 0) -> Compacted:
     """Fixed-budget compaction: exactly ``keep`` eligible tokens per sample, static shapes.
 
     ``num_always`` is the number of valid non-eligible tokens per sample (the
@@ -151,5 +157,5 @@ def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: 
     """
     if num_always is None:
         num_always = int((out.valid & ~out.eligible).sum(dim=1).max())
-    index = fixed_budget_index(out, keep, num_always, seed)
+    index = fixed_budget_index(out, keep, num_always, seed, row_stride)
     return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)

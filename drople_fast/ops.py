@@ -39,7 +39,7 @@ def cpp_extension_error() -> Optional[str]:
     return None
 
 
-def fused_fake(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed):
+def fused_fake(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed, row_stride=0):
     """Shapes and dtypes of a fused IWTD result, for tracing."""
     B, S = hidden.shape[0], hidden.shape[1]
     f32 = hidden.new_empty((B, S), dtype=torch.float32)

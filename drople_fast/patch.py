@@ -77,14 +77,17 @@ def _state(module) -> PatchState:
 def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, seed, causal: bool,
                replace_next: bool) -> Tokens:
     cfg = state.config
+    if tokens.length < 2:  # everything but the anchor is gone: nothing left to score or drop
+        return tokens
     bridge_tokens, weight, bias = state.bridge.params_for(tower)
     layer_seed = seed + 2 * layer
     out = iwtd(q, k, tokens.x, tokens.eligible & tokens.valid, bridge_tokens, weight, bias, tokens.anchor,
                valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
-               seed=layer_seed, backend=cfg.backend)
+               seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride)
     state.features[tower][layer] = out.bridge_features
     if cfg.mode == "perturb":
-        noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length).to(tokens.x.dtype)
+        noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length,
+                             row_stride=tokens.row_stride).to(tokens.x.dtype)
         scale = 1.0 + cfg.sigma * noise * out.drop_mask.to(tokens.x.dtype)
         tokens.x = tokens.x * scale[..., None]
         return tokens
@@ -93,7 +96,7 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     prompts_kept = "none" if replace_next else "some"
     if cfg.mode == "drop":
         if not replace_next:  # the kernel's own compaction indices
-            return tokens.gather(out.keep_index, prompts_kept, padded=True)
+            return tokens.keep_index(out.keep_index, prompts_kept)
         return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_kept)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
     out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)
@@ -103,7 +106,8 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     budget = cfg.keep_count(n_elig) if n_elig > 0 else 0
     doomed_count = tokens.num_prompts if replace_next else 0
     num_always = tokens.length - n_elig - doomed_count
-    index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed).index
+    index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed,
+                          row_stride=tokens.row_stride).index
     return tokens.gather(index, prompts_kept, padded=tokens.padded)
 
 
@@ -183,6 +187,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     hook = state.hook
     cast_dtype = owner.transformer.get_cast_dtype()
     eos = _eos_positions(text, pool_type, eos_id)
+    full_length = text.shape[1]
     if state.config.eos_trim and not torch.compiler.is_compiling():
         # Causal attention: nothing after the last EOS can reach any pooled token.
         text = text[:, : int(eos.max()) + 1]
@@ -200,6 +205,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx)
     tokens.padded = True
     tokens.free_eligible = free
+    tokens.trimmed = full_length - S
     if first is not None:
         first = first.to(cast_dtype) + owner.positional_embedding[1:1 + n_ctx].to(cast_dtype)
         tokens = tokens.with_prompts(first)

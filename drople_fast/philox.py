@@ -66,29 +66,31 @@ def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
 
-def _token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
-    offsets = torch.arange(batch * seq, device=device, dtype=torch.int64)
-    return uniform_from_uint32(philox4x32(seed, offsets)).reshape(batch, seq)
+def _token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
+    stride = row_stride if row_stride > 0 else seq
+    offsets = (torch.arange(batch, device=device, dtype=torch.int64)[:, None] * stride
+               + torch.arange(seq, device=device, dtype=torch.int64)[None, :])
+    return uniform_from_uint32(philox4x32(seed, offsets))
 
 
 # A custom op, so torch.compile treats the generator as one opaque call: inductor
 # would otherwise fuse the ten unrolled rounds into one huge expression (minutes of compile).
 @torch.library.custom_op("drople_fast::token_uniform", mutates_args=())
-def _token_uniform_op(seed: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    return _token_uniform(seed.reshape(()), batch, seq, seed.device)
+def _token_uniform_op(seed: torch.Tensor, batch: int, seq: int, row_stride: int = 0) -> torch.Tensor:
+    return _token_uniform(seed.reshape(()), batch, seq, seed.device, row_stride)
 
 
 @_token_uniform_op.register_fake
-def _(seed, batch, seq):
+def _(seed, batch, seq, row_stride=0):
     return seed.new_empty((batch, seq), dtype=torch.float32)
 
 
-def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
-    """Uniform draws (B, S) float32 at offsets ``b * S + j``, as every backend uses."""
+def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
+    """Uniform draws (B, S) float32 at offsets ``b * row_stride + j`` (row_stride 0 means S), as every backend uses."""
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=seed.device if device is None else device, dtype=torch.int64).reshape(1)
-        return _token_uniform_op(seed, batch, seq)
-    return _token_uniform(seed, batch, seq, device)
+        return _token_uniform_op(seed, batch, seq, row_stride)
+    return _token_uniform(seed, batch, seq, device, row_stride)
 
 
 def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
@@ -100,8 +102,8 @@ def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
 NORMAL_STREAMS = (0x3C6EF372, 0x510E527F)  # < 2**31, so seed ^ (key << 32) fits int64
 
 
-def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None) -> torch.Tensor:
+def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
     """Standard normal draws (B, S) by Box-Muller over two Philox streams (perturb-mode noise)."""
-    u1 = token_uniform(seed ^ (NORMAL_STREAMS[0] << 32), batch, seq, device).clamp(min=1e-7)
-    u2 = token_uniform(seed ^ (NORMAL_STREAMS[1] << 32), batch, seq, device)
+    u1 = token_uniform(seed ^ (NORMAL_STREAMS[0] << 32), batch, seq, device, row_stride).clamp(min=1e-7)
+    u2 = token_uniform(seed ^ (NORMAL_STREAMS[1] << 32), batch, seq, device, row_stride)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)

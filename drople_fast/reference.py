@@ -92,6 +92,7 @@ def iwtd_from_attention(
     p_min: float,
     p_max: float,
     seed,
+    row_stride: int = 0,
 ):
     """DESIGN §1 steps 1-7 on an explicit attention map.
 
@@ -122,12 +123,12 @@ def iwtd_from_attention(
     # 6. important tokens drop less
     drop_prob = torch.where(elig, p_max - normalised * (p_max - p_min), torch.zeros_like(normalised))
     # 7. one Philox draw per (sample, token)
-    drop_mask = elig & (token_uniform(seed, B, S, device=attn.device) < drop_prob)
+    drop_mask = elig & (token_uniform(seed, B, S, device=attn.device, row_stride=row_stride) < drop_prob)
     order, count = keep_order(valid & ~drop_mask)
     return importance, drop_prob, drop_mask, count, order
 
 
-def iwtd_reference(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed):
+def iwtd_reference(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed, row_stride=0):
     """The reference backend: same arguments and outputs as the fused kernels."""
     attn = attention_probs(q, k, valid, causal)
-    return iwtd_from_attention(attn, hidden, eligible, valid, anchor, folded, shift, p_min, p_max, seed)
+    return iwtd_from_attention(attn, hidden, eligible, valid, anchor, folded, shift, p_min, p_max, seed, row_stride)

@@ -28,6 +28,15 @@ class Tokens:
     scattered: bool = False  # some prompts were dropped, so prompt positions differ per sample
     padded: bool = False  # some position may be padding
     free_eligible: bool = False  # text without a prompt learner: word tokens are eligible
+    # Positions cut by EOS trimming that the untrimmed tower would still carry; random draws use
+    # the untrimmed row stride so trimming never changes them. A data-dependent compaction
+    # gives both the same width, which ends the difference.
+    trimmed: int = 0
+
+    @property
+    def row_stride(self) -> int:
+        """Philox row stride for this layout (0 = the current length)."""
+        return self.length + self.trimmed if self.trimmed else 0
 
     @property
     def batch(self) -> int:
@@ -56,8 +65,11 @@ class Tokens:
     def keep(self, keep: torch.Tensor, prompts_kept: str = "some") -> "Tokens":
         """Keep the positions where ``keep`` (B, S) is True (data-dependent width, so padded)."""
         order, count = keep_order(keep)
-        width = int(count.max())
-        return self.gather(order[:, :width], prompts_kept, padded=True)
+        return self.keep_index(order[:, : int(count.max())], prompts_kept)
+
+    def keep_index(self, index: torch.Tensor, prompts_kept: str = "some") -> "Tokens":
+        """Gather a compaction index whose width is the largest kept count (trimmed or not alike)."""
+        return replace(self.gather(index, prompts_kept, padded=True), trimmed=0)
 
     def without_prompts(self) -> "Tokens":
         """Remove the prompt tokens (before the next layer supplies its own)."""

@@ -7,9 +7,10 @@ At every IWTD layer it materialises the layer's softmax attention from the
 block's own ``ln_1`` + packed ``in_proj`` (causal for text), scores it with
 ``drople_fast.reference.iwtd_from_attention`` (DESIGN §1 steps 1-6) and draws
 the Bernoulli mask itself from ``drople_fast.philox.token_uniform`` at offset
-``b * W + j``, where ``W`` is the width the batched implementation has at that
-layer (the longest sample, plus -- in the text tower before the first
-compaction -- the padding tail after the longest EOS when EOS trimming is off).
+``b * W + j``, where ``W`` is the width the *untrimmed* batched text tower
+would have at that layer (the longest sample, plus -- in the text tower until
+a "drop" compaction -- the padding tail after the longest EOS), so EOS
+trimming never changes a draw.
 
 Semantics replicated from the issue / patch docstrings:
 
@@ -127,7 +128,7 @@ def run_block(block, x: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, bridge, prompts_at, seed: Optional[int],
-              layers, tail: int = 0):
+              layers, tail: int = 0, stride_tail: int = 0):
     """Run ``blocks`` per sample with prompts and IWTD; returns (samples, {layer: LayerLog})."""
     logs: dict[int, LayerLog] = {}
     B = len(samples)
@@ -140,12 +141,13 @@ def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, brid
             continue
         replace_next = i + 1 < len(blocks) and prompts_at(i + 1) is not None
         width = max(s.n for s in samples) + tail
+        stride = max(s.n for s in samples) + stride_tail
         layer_seed = seed + 2 * i
-        # a 0-d int64 tensor: token_normal's stream keys overflow a Python-int seed (see report)
         seed_t = torch.tensor(layer_seed, dtype=torch.int64)
-        uniform = token_uniform(seed_t, B, width)
-        noise = token_normal(seed_t, B, width)
-        gumbel = -torch.log(-torch.log(token_uniform(gumbel_seed(seed_t), B, width).clamp(min=1e-20)))
+        uniform = token_uniform(seed_t, B, width, row_stride=stride)
+        noise = token_normal(seed_t, B, width, row_stride=stride)
+        gumbel = -torch.log(-torch.log(token_uniform(gumbel_seed(seed_t), B, width, row_stride=stride)
+                                       .clamp(min=1e-20)))
         folded = (bridge.tokens.float() @ (bridge.vision if tower == "vision" else bridge.text).weight.float())
         shift = bridge.tokens.float() @ (bridge.vision if tower == "vision" else bridge.text).bias.float()
         log = LayerLog(width)
@@ -191,8 +193,8 @@ def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, brid
         log.features = torch.stack(feats)
         logs[i] = log
         samples = out
-        if cfg.mode in ("drop", "drop_fixed"):
-            tail = 0
+        if cfg.mode == "drop":  # widths now agree trimmed or not (drop_fixed keeps its static padding)
+            tail = stride_tail = 0
     return samples, logs
 
 
@@ -263,7 +265,7 @@ def text_reference(orig_model, text: torch.Tensor, cfg, bridge, hook, seed: Opti
     width = int(eos.max()) + 1 if eos_trim else L
     tail = width - (int(eos.max()) + 1)
     samples, logs = run_tower(owner.transformer.resblocks, samples, "text", True, cfg, bridge, prompts_at, seed,
-                              set(cfg.text_layers), tail=tail)
+                              set(cfg.text_layers), tail=tail, stride_tail=L - (int(eos.max()) + 1))
     final = torch.stack([s.x[s.anchor] for s in samples])
     pooled = owner.ln_final(final)
     proj = owner.text_projection

@@ -395,3 +395,19 @@ def test_config_valid_values_and_keep_count():
     assert df.IWTDConfig(mode="drop_fixed", keep=10).keep_count(40) == 10
     for mode in ("off", "perturb", "drop", "drop_fixed"):
         df.IWTDConfig(mode=mode)
+
+
+def test_row_stride_checked_and_used():
+    import inspect
+
+    if "row_stride" not in inspect.signature(df.iwtd).parameters:
+        pytest.skip("iwtd has no row_stride")
+    for bad in (-1, 1, S - 1, 2.5, True):
+        raises(ValueError, "row_stride", repr(bad), row_stride=bad)
+    # draws come from offsets b * row_stride + j: the mask equals the wider stream's cut
+    out = df.iwtd(**good(seed=9, row_stride=S + 4, p_min=0.3, p_max=0.7))
+    from drople_fast.philox import token_uniform
+
+    u = token_uniform(9, B, S + 4)[:, :S]
+    assert torch.equal(out.drop_mask, out.eligible & (u < out.drop_prob))
+    assert torch.equal(df.iwtd(**good(seed=9, row_stride=S)).drop_mask, df.iwtd(**good(seed=9)).drop_mask)

@@ -204,7 +204,8 @@ def test_eos_trim_exact_mode_off(custom_text, train):
     df.remove(model)
 
 
-@pytest.mark.parametrize("mode, prompts", [("drop", False), ("perturb", True)])
+@pytest.mark.parametrize("mode, prompts", [("drop", False), ("perturb", True), ("drop", True), ("drop_fixed", True),
+                                          ("perturb", False)])
 def test_eos_trim_exact_in_training_modes(mode, prompts):
     """Issue 4: trimming is "on by default, in every mode, and identical output to the untrimmed tower".
 

@@ -182,3 +182,15 @@ def test_live_triton_interpreter_agrees():
     seed = 2**45 + 2**31 + 11
     _rand[(1,)](out, seed, offs, N=64)
     assert torch.equal(out.cpu(), uniform_from_uint32(philox4x32(seed, offs.cpu())))
+
+
+def test_row_stride_is_a_slice_of_the_wider_stream():
+    """token_uniform(..., row_stride=W) for W >= S equals the first S columns of a (B, W) draw."""
+    import inspect
+
+    if "row_stride" not in inspect.signature(token_uniform).parameters:
+        pytest.skip("token_uniform has no row_stride")
+    wide = token_uniform(77, 3, 12)
+    assert torch.equal(token_uniform(77, 3, 5, row_stride=12), wide[:, :5])
+    assert torch.equal(token_uniform(torch.tensor([77]), 3, 5, row_stride=12), wide[:, :5])
+    assert torch.equal(token_uniform(77, 3, 12, row_stride=0), wide)

@@ -404,8 +404,7 @@ def test_bridge_features_equal_explicit_formula():
     exp = explicit_bridge_features(d["hidden"], d["bridge_tokens"], d["bridge_weight"], d["bridge_bias"],
                                    d["valid"])
     got = bridge_features(d["hidden"], d["bridge_tokens"], d["bridge_weight"], d["bridge_bias"], d["valid"])
-    # float32-level: reference.bridge_features takes its softmax in float32 even for float64 input
-    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
     out = df.iwtd(**inp, backend="reference")
     assert out.bridge_features.shape == (3, inp["bridge_tokens"].shape[0], inp["bridge_tokens"].shape[1])
     torch.testing.assert_close(out.bridge_features.double(), exp, rtol=1e-5, atol=1e-5)
@@ -428,8 +427,7 @@ def test_bridge_features_gradients_flow():
         assert leaves[n].grad is not None, n
         assert torch.isfinite(leaves[n].grad).all(), n
         assert leaves[n].grad.abs().sum() > 0, n
-        # float32-level (the gate softmax is evaluated in float32, see test_bridge_features_gradcheck)
-        torch.testing.assert_close(leaves[n].grad, ref_leaves[n].grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(leaves[n].grad, ref_leaves[n].grad, rtol=1e-9, atol=1e-10)
     # padded hidden rows receive exactly zero gradient
     assert torch.all(leaves["hidden"].grad[~inp["valid"]] == 0)
 
@@ -451,8 +449,6 @@ def test_bridge_features_gradcheck_float32_level():
                                     eps=1e-3, atol=2e-3, rtol=1e-2)
 
 
-@pytest.mark.xfail(strict=False, reason="reference.bridge_features evaluates the gate softmax via logits.float(), "
-                   "so float64 inputs only get float32 precision and the strict float64 gradcheck fails")
 def test_bridge_features_gradcheck_float64_strict():
     args, valid = _bridge_gradcheck_args()
     assert torch.autograd.gradcheck(lambda h, T, W, b: bridge_features(h, T, W, b, valid), args)

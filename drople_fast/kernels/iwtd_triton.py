@@ -95,7 +95,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _iwtd_fused_kernel(
-    q_ptr, k_ptr, h_ptr, elig_ptr, valid_ptr, anchor_ptr, folded_ptr, shift_ptr, seed_ptr,
+    q_ptr, k_ptr, h_ptr, elig_ptr, valid_ptr, anchor_ptr, folded_ptr, shift_ptr, seed_ptr, row_stride,
     imp_ptr, prob_ptr, mask_ptr, count_ptr, order_ptr, scratch_ptr,
     S, H, DH, D, M,
     stride_qb, stride_qh, stride_qs,
@@ -272,7 +272,7 @@ def _iwtd_fused_kernel(
     prob = tl.where(elig, p_max - normed * p_range, 0.0)
 
     seed = tl.load(seed_ptr)
-    u = tl.rand(seed, tok_base + offs.to(tl.int64))
+    u = tl.rand(seed, b.to(tl.int64) * row_stride + offs.to(tl.int64))
     drop = elig & (u < prob)
     keep = valid & ~drop
     keep_i = keep.to(tl.int32)
@@ -292,7 +292,8 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed):
+def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed,
+                       row_stride=0):
     """Allocate outputs and launch :func:`_iwtd_fused_kernel` once (grid = (B,))."""
     B, H, S, Dh = q.shape
     D = hidden.shape[2]
@@ -331,7 +332,7 @@ def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, cau
     p_range = float(p_max) - float(p_min)  # double, rounded once to fp32, as in the reference
 
     _iwtd_fused_kernel[(B,)](
-        q, k, hidden, eligible_u8, valid_u8, anchor, folded, shift, seed,
+        q, k, hidden, eligible_u8, valid_u8, anchor, folded, shift, seed, row_stride if row_stride > 0 else S,
         importance, drop_prob, drop_mask.view(torch.uint8), keep_count, keep_order, scratch,
         S, H, Dh, D, M,
         q.stride(0), q.stride(1), q.stride(2),
@@ -351,10 +352,11 @@ def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, cau
 def iwtd_triton_op(
     q: torch.Tensor, k: torch.Tensor, hidden: torch.Tensor, eligible: torch.Tensor, valid: torch.Tensor,
     anchor: torch.Tensor, folded: torch.Tensor, shift: torch.Tensor, causal: bool, p_min: float,
-    p_max: float, seed: torch.Tensor,
+    p_max: float, seed: torch.Tensor, row_stride: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused IWTD (backends.py signature): (importance, drop_prob, drop_mask, keep_count, keep_order)."""
-    return iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed)
+    return iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed,
+                              row_stride)
 
 
 iwtd_triton_op.register_fake(fused_fake)
