@@ -56,8 +56,9 @@ def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
     Rows of G sum to one, so ``G (W h + b) = (G h) W^T + b``; computed in the
     hidden dtype so gradients reach the tokens, the map and the hidden states.
     """
-    logits = torch.einsum("mp,pd,bsd->bms", bridge_tokens, bridge_weight, hidden)
-    logits = logits + (bridge_tokens @ bridge_bias)[None, :, None]
+    # Fold the map into the tokens first: M x D instead of S x D x P per sample.
+    folded = bridge_tokens @ bridge_weight
+    logits = (hidden @ folded.t()).transpose(1, 2) + (bridge_tokens @ bridge_bias)[None, :, None]
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     # Softmax in at least float32 (low-precision inputs), in float64 when given float64.
     gate = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(hidden.dtype)
