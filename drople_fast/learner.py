@@ -203,8 +203,10 @@ class DroPLe(nn.Module):
 
         for p in model.parameters():
             p.requires_grad_(False)
+        # The bridge only produces features (and gets gradients) when IWTD runs.
+        bridge_trains = get_state(model).config.mode != "off"
         for p in get_state(model).bridge.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(bridge_trains)
 
         # text context: layer 0 from "a photo of a", deeper layers N(0, 0.02)
         with torch.no_grad():

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 REQUIRED = ("dataset", "seed", "protocol")
 # Keys that describe a run rather than measure it; never averaged as metrics.
-NON_METRICS = REQUIRED + ("shots",)
+NON_METRICS = REQUIRED + ("shots", "images_per_s")  # throughput goes to the plot, not the accuracy tables
 BASE2NOVEL = "base2novel"
 B2N_KEYS = ("base_acc", "novel_acc", "hm")
 
