@@ -47,6 +47,8 @@ def _seed_tensor(seed: Union[int, torch.Tensor], device: torch.device) -> torch.
         return seed.reshape(1).to(device)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in int64, got {seed}")
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 

@@ -20,7 +20,7 @@ def _require_float(name: str, t: torch.Tensor) -> None:
 
 def check_probabilities(p_min: float, p_max: float) -> None:
     for name, p in (("p_min", p_min), ("p_max", p_max)):
-        if not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     if p_min > p_max:
         raise ValueError(f"p_min must not exceed p_max, got p_min={p_min} > p_max={p_max}")
@@ -69,22 +69,30 @@ def check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in devices.items())
         raise ValueError(f"all IWTD tensors must be on one device, got {listing}")
-    _check_anchor(anchor_index, B, S)
+    _check_anchor(anchor_index, B, S, valid)
     check_probabilities(p_min, p_max)
 
 
-def _check_anchor(anchor_index, B: int, S: int) -> None:
+def _check_anchor(anchor_index, B: int, S: int, valid=None) -> None:
     if isinstance(anchor_index, bool) or not isinstance(anchor_index, (int, torch.Tensor)):
         raise TypeError(f"anchor_index must be an int or an int64 tensor (B,), got {type(anchor_index).__name__}")
     if isinstance(anchor_index, int):
         if not 0 <= anchor_index < S:
             raise ValueError(f"anchor_index must be in [0, {S}), got {anchor_index}")
+    else:
+        if anchor_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"anchor_index must be an integer tensor, got dtype {anchor_index.dtype}")
+        if anchor_index.shape != (B,):
+            raise ValueError(f"anchor_index must have shape (B,) = ({B},), got {_shape(anchor_index)}")
+    if torch.compiler.is_compiling() or B == 0:  # value checks need a host sync, not wanted inside a graph
         return
-    if anchor_index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"anchor_index must be an integer tensor, got dtype {anchor_index.dtype}")
-    if anchor_index.shape != (B,):
-        raise ValueError(f"anchor_index must have shape (B,) = ({B},), got {_shape(anchor_index)}")
-    if not torch.compiler.is_compiling():  # a value check would need a host sync inside a graph
+    if isinstance(anchor_index, torch.Tensor):
         lo, hi = int(anchor_index.min()), int(anchor_index.max())
         if lo < 0 or hi >= S:
             raise ValueError(f"anchor_index values must be in [0, {S}), got min {lo} max {hi}")
+    if valid is not None:
+        rows = torch.arange(B, device=valid.device)
+        on_padding = ~valid[rows, torch.as_tensor(anchor_index, device=valid.device)]
+        if bool(on_padding.any()):
+            bad = on_padding.nonzero().flatten().tolist()
+            raise ValueError(f"anchor_index points at padding (valid is False) for samples {bad}")

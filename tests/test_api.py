@@ -411,3 +411,19 @@ def test_row_stride_checked_and_used():
     u = token_uniform(9, B, S + 4)[:, :S]
     assert torch.equal(out.drop_mask, out.eligible & (u < out.drop_prob))
     assert torch.equal(df.iwtd(**good(seed=9, row_stride=S)).drop_mask, df.iwtd(**good(seed=9)).drop_mask)
+
+
+def test_bool_probability_refused():
+    raises(ValueError, "p_min", "True", p_min=True)
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
+def test_seed_outside_int64(seed):
+    raises(ValueError, "seed", str(seed), seed=seed)
+
+
+def test_anchor_on_padding_refused():
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, S - 2:] = False
+    raises(ValueError, "anchor_index", "padding", "[1]", valid=valid, anchor_index=torch.full((B,), S - 1))
+    raises(ValueError, "anchor_index", "padding", valid=valid, anchor_index=S - 1)
