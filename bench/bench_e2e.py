@@ -28,7 +28,6 @@ allocator's caches and the model, so it is only a coarse upper bound).
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch

@@ -1,15 +1,20 @@
 // Fused IWTD forward on the CPU (DESIGN.md §1 steps 1-7, §3).
 //
-// Per sample b, head h and allowed query row j the logits q_j . k_k / sqrt(Dh)
-// are formed one row block at a time (never an S x S map):
+// Per sample b and head h the S x S logits q . k^T of that head are formed in a
+// thread-local buffer with one single-threaded SGEMM (MKL's sgemm_ where torch
+// exports it, at::mm otherwise), then each allowed query row is scanned with
+// vectorised loops:
 //   * the anchor row's probabilities feed s1 (mean over heads),
 //   * each content row's largest probability on another content key feeds s2
 //     (exp(maxC - max) / sum, i.e. exp(maxC - lse)),
-// then the folded bridge logits (M x D) @ h_j + shift give s3 (softmax over
-// valid tokens per bridge token, max over bridge tokens), and the per-sample
-// normalisation, drop probability, Philox Bernoulli draw and keep order follow.
-// All arithmetic is float32 whatever the input dtype. Results do not depend
-// on the number of threads (every reduction runs in a fixed order).
+// then the folded bridge logits (M x D) @ h^T + shift (one more SGEMM per
+// sample) give s3 (softmax over valid tokens per bridge token, max over bridge
+// tokens), and the per-sample normalisation, drop probability, Philox
+// Bernoulli draw and keep order follow. All arithmetic is float32 whatever the
+// input dtype (bf16 / fp16 inputs are converted once per head / sample).
+// Results do not depend on the number of threads: every work item runs the
+// same single-threaded code on the same buffers, and every reduction (over
+// keys, over heads) runs in a fixed order.
 #include "iwtd_cpu.h"
 
 #include <algorithm>
@@ -28,92 +33,187 @@
 
 #include "philox.h"
 
+// BLAS entry points that torch's libtorch_cpu exports when it is built with
+// MKL (LP64 interface, as torch's own BlasKernel.cpp declares it). Weak, so
+// the extension still loads against a torch without them (then at::mm is used).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
+
 namespace drople_fast {
 namespace {
 
 constexpr float kEps = 1e-8f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kRowBlock = 4;   // query rows per micro-kernel tile
-constexpr int64_t kKeyBlock = 16;  // keys per micro-kernel tile (two 8-float vectors)
+constexpr int64_t kLanes = 16;  // floats per vector step; rows are padded to a multiple of this
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The two hot loops are compiled for several instruction sets and picked at
-// load time (GCC/Clang function multi-versioning), so the extension stays
-// portable (baseline x86-64) yet uses AVX2/AVX-512 where the CPU has them.
+// Row-major C (m x n, leading dimension ldc) = A (m x kd, lda) . B (n x kd, ldb)^T,
+// single-threaded (the caller pins MKL to one thread; see MklSingleThread).
+void gemm_nt(int64_t m, int64_t n, int64_t kd, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    // Column-major view: C^T (n x m) = B (as kd x n, transposed) . A (as kd x m).
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(kd);
+    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+    const float one = 1.f, zero = 0.f;
+    sgemm_("T", "N", &in, &im, &ik, &one, B, &ildb, A, &ilda, &zero, C, &ildc);
+    return;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {m, kd}, {lda, 1}, f32);
+  at::Tensor b = at::from_blob(const_cast<float*>(B), {n, kd}, {ldb, 1}, f32);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, f32);
+  c.copy_(at::mm(a, b.t()));
+}
+
+// Pins MKL to one thread in this scope, so a work item's SGEMM never splits its
+// reduction whatever torch's thread count (inside at::parallel_for MKL would
+// run single-threaded anyway; this also covers the inline, one-chunk case).
+struct MklSingleThread {
+  int saved = 0;
+  bool active = false;
+  MklSingleThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      saved = MKL_Set_Num_Threads_Local(1);
+      active = true;
+    }
+  }
+  ~MklSingleThread() {
+    if (active) MKL_Set_Num_Threads_Local(saved);
+  }
+  MklSingleThread(const MklSingleThread&) = delete;
+  MklSingleThread& operator=(const MklSingleThread&) = delete;
+};
+
+// The row loops are compiled for several instruction sets and picked at load
+// time (GCC/Clang function multi-versioning), so the extension stays portable
+// (baseline x86-64) yet uses AVX-512/AVX2 where the CPU has them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(DROPLE_FAST_NO_CLONES)
 #define DROPLE_FAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DROPLE_FAST_CLONES
 #endif
 
-// 8 floats; lowered to one AVX register or two SSE registers by the compiler.
-// (These helpers are internal and always inlined, so the -Wpsabi note about
-// passing 32-byte vectors without AVX does not apply.)
+// 16 floats; one AVX-512 register, two AVX or four SSE registers. (These helpers
+// are internal and always inlined, so the -Wpsabi note about passing 64-byte
+// vectors without AVX-512 does not apply.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float vec8 __attribute__((vector_size(32)));
+typedef float vecf __attribute__((vector_size(64)));
+typedef int32_t veci __attribute__((vector_size(64)));
 
-inline vec8 load8(const float* p) {
-  vec8 v;
+inline __attribute__((always_inline)) vecf loadv(const float* p) {
+  vecf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline __attribute__((always_inline)) void storev(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// logits[r, key] = q_r . k_key for kRowBlock query rows (qb: kRowBlock x Dh) and
-// keys [0, n_pad) of kt (Dh x ld, K transposed); n_pad is a multiple of kKeyBlock.
-// Register-tiled kRowBlock x kKeyBlock; the key loads are contiguous.
-DROPLE_FAST_CLONES
-void logits_block(const float* __restrict kt, const float* __restrict qb, float* __restrict logits, int64_t Dh,
-                  int64_t ld, int64_t n_pad) {
-  static_assert(kRowBlock == 4 && kKeyBlock == 16, "micro-kernel is written for a 4 x 16 tile");
-  for (int64_t k0 = 0; k0 < n_pad; k0 += kKeyBlock) {
-    vec8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
-    const float* kp = kt + k0;
-    for (int64_t d = 0; d < Dh; ++d, kp += ld) {
-      const vec8 k0v = load8(kp), k1v = load8(kp + 8);
-      const float q0 = qb[d], q1 = qb[Dh + d], q2 = qb[2 * Dh + d], q3 = qb[3 * Dh + d];
-      a00 += q0 * k0v;
-      a01 += q0 * k1v;
-      a10 += q1 * k0v;
-      a11 += q1 * k1v;
-      a20 += q2 * k0v;
-      a21 += q2 * k1v;
-      a30 += q3 * k0v;
-      a31 += q3 * k1v;
-    }
-    float* out = logits + k0;
-    store8(out, a00);
-    store8(out + 8, a01);
-    store8(out + ld, a10);
-    store8(out + ld + 8, a11);
-    store8(out + 2 * ld, a20);
-    store8(out + 2 * ld + 8, a21);
-    store8(out + 3 * ld, a30);
-    store8(out + 3 * ld + 8, a31);
-  }
+inline __attribute__((always_inline)) vecf splat(float x) { return vecf{} + x; }
+
+inline __attribute__((always_inline)) vecf vmax(vecf a, vecf b) { return a > b ? a : b; }
+
+inline __attribute__((always_inline)) float hmax(vecf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
 }
 
-// out[m * stride] = folded_m . h + shift_m for m < M (folded: M x D).
-DROPLE_FAST_CLONES
-void bridge_logits(const float* __restrict folded, const float* __restrict shift, const float* __restrict h,
-                   int64_t M, int64_t D, float* __restrict out, int64_t stride) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* f = folded + m * D;
-    vec8 acc0 = {}, acc1 = {};
-    int64_t i = 0;
-    for (; i + 16 <= D; i += 16) {
-      acc0 += load8(f + i) * load8(h + i);
-      acc1 += load8(f + i + 8) * load8(h + i + 8);
-    }
-    const vec8 acc = acc0 + acc1;
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < D; ++i) s += f[i] * h[i];
-    out[m * stride] = s + shift[m];
+inline __attribute__((always_inline)) float hsum(vecf v) {  // fixed pairwise order
+  float s[kLanes];
+  std::memcpy(s, &v, sizeof(s));
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
   }
+  return s[0];
+}
+
+// exp(x) for x <= 0 (and up to 88), float32, about 1 ulp (Cephes expf: Cody-Waite
+// reduction by ln 2, degree-5 minimax polynomial). Results below 2^-126 (x < -87.34,
+// including -inf) flush to 0; the softmax sums they enter are >= 1.
+inline __attribute__((always_inline)) vecf vexp(vecf x) {
+  const vecf lo = splat(-87.33654475f), hi = splat(88.0f);
+  vecf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vecf magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const vecf kf = (xc * splat(1.44269504088896341f) + magic) - magic;
+  vecf r = xc - kf * splat(0.693359375f);
+  r = r - kf * splat(-2.12194440e-4f);
+  const vecf z = r * r;
+  vecf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * z + r + splat(1.0f);
+  const veci n = __builtin_convertvector(kf, veci);
+  const vecf pow2n = (vecf)((n + 127) << 23);
+  const vecf y = p * pow2n;
+  return x < lo ? splat(0.f) : y;
+}
+
+// t[i] = t[i] * scale + add + neg[i] for i < n (n a multiple of kLanes); neg is 0 or -inf.
+DROPLE_FAST_CLONES
+void affine_mask(float* __restrict t, float scale, float add, const float* __restrict neg, int64_t n) {
+  const vecf vs = splat(scale), va = splat(add);
+  for (int64_t i = 0; i < n; i += kLanes) storev(t + i, (loadv(t + i) * vs + va) + loadv(neg + i));
+}
+
+// *m1 = max_i t[i], *m2 = max_i (t[i] + neg[i]).
+DROPLE_FAST_CLONES
+void max2(const float* __restrict t, const float* __restrict neg, int64_t n, float* m1, float* m2) {
+  vecf a = splat(kNegInf), c = splat(kNegInf);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const vecf v = loadv(t + i);
+    a = vmax(a, v);
+    c = vmax(c, v + loadv(neg + i));
+  }
+  *m1 = hmax(a);
+  *m2 = hmax(c);
+}
+
+// max_i t[i].
+DROPLE_FAST_CLONES
+float max1(const float* __restrict t, int64_t n) {
+  vecf a = splat(kNegInf);
+  for (int64_t i = 0; i < n; i += kLanes) a = vmax(a, loadv(t + i));
+  return hmax(a);
+}
+
+// sum_i exp(t[i] - m), lanes summed in a fixed order.
+DROPLE_FAST_CLONES
+float sum_exp(const float* __restrict t, float m, int64_t n) {
+  const vecf vm = splat(m);
+  vecf s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    s0 += vexp(loadv(t + i) - vm);
+    s1 += vexp(loadv(t + i + kLanes) - vm);
+  }
+  if (i < n) s0 += vexp(loadv(t + i) - vm);
+  return hsum(s0 + s1);
+}
+
+// acc[i] += exp(t[i] - m) / sum.
+DROPLE_FAST_CLONES
+void add_softmax(const float* __restrict t, float m, float sum, float* __restrict acc, int64_t n) {
+  const vecf vm = splat(m), vsum = splat(sum);
+  for (int64_t i = 0; i < n; i += kLanes) storev(acc + i, loadv(acc + i) + vexp(loadv(t + i) - vm) / vsum);
+}
+
+// acc[i] = max(acc[i], exp(t[i] - m) / sum).
+DROPLE_FAST_CLONES
+void max_softmax(const float* __restrict t, float m, float sum, float* __restrict acc, int64_t n) {
+  const vecf vm = splat(m), vsum = splat(sum);
+  for (int64_t i = 0; i < n; i += kLanes) storev(acc + i, vmax(loadv(acc + i), vexp(loadv(t + i) - vm) / vsum));
 }
 
 #pragma GCC diagnostic pop
@@ -133,128 +233,114 @@ struct Problem {
   const float* shift;
 };
 
-// Per-thread scratch; sized once per chunk of work items.
+// Per-thread scratch; sized once per chunk of work items. Rows are padded to
+// Spad = round_up(S, kLanes) columns; the GEMMs never write the padding, which
+// stays 0 (and is masked to -inf by neg_valid before any max or exp).
 struct Scratch {
-  std::vector<float> kt;      // Dh x Spad: K of one head, transposed, float, zero-padded keys
-  std::vector<float> qb;      // kRowBlock x Dh: a block of query rows as float
-  std::vector<float> logits;  // kRowBlock x Spad
-  std::vector<float> s1, s2, s3;  // S each
-  std::vector<float> gate;    // M x S bridge logits
-  std::vector<float> hrow;    // D: one hidden row as float
+  int64_t Spad;
+  std::vector<float> qf, kf;       // S x Dh: one head's q and k as float (non-float inputs only)
+  std::vector<float> hf;           // S x D: one sample's hidden states as float (non-float inputs only)
+  std::vector<float> logits;       // S x Spad: one head's q . k^T
+  std::vector<float> gate;         // M x Spad: bridge logits
+  std::vector<float> neg_valid;    // Spad: 0 for valid keys, -inf otherwise
+  std::vector<float> neg_content;  // Spad: 0 for content keys (valid, not the anchor), -inf otherwise
+  std::vector<float> s1, s2, s3;   // Spad each
 
-  explicit Scratch(const Problem& P) {
-    const int64_t Spad = round_up(P.S, kKeyBlock);
-    kt.assign(P.Dh * Spad, 0.f);
-    qb.assign(kRowBlock * P.Dh, 0.f);
-    logits.assign(kRowBlock * Spad, 0.f);
-    s1.assign(P.S, 0.f);
-    s2.assign(P.S, 0.f);
-    s3.assign(P.S, 0.f);
-    gate.assign(P.M * P.S, 0.f);
-    hrow.assign(P.D, 0.f);
+  Scratch(const Problem& P, bool float_qk, bool float_h) : Spad(round_up(P.S, kLanes)) {
+    if (!float_qk) {
+      qf.assign(P.S * P.Dh, 0.f);
+      kf.assign(P.S * P.Dh, 0.f);
+    }
+    if (!float_h) hf.assign(P.S * P.D, 0.f);
+    logits.assign(P.S * Spad, 0.f);
+    gate.assign(P.M * Spad, 0.f);
+    neg_valid.assign(Spad, kNegInf);
+    neg_content.assign(Spad, kNegInf);
+    s1.assign(Spad, 0.f);
+    s2.assign(Spad, 0.f);
+    s3.assign(Spad, 0.f);
+  }
+
+  // The key masks of sample b.
+  void set_sample(const Problem& P, int64_t b) {
+    const bool* valid = P.valid + b * P.S;
+    const int64_t a = P.anchor[b];
+    for (int64_t j = 0; j < P.S; ++j) {
+      neg_valid[j] = valid[j] ? 0.f : kNegInf;
+      neg_content[j] = (valid[j] && j != a) ? 0.f : kNegInf;
+    }
   }
 };
 
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // Adds head h of sample b to s1 (anchor-row probabilities) and s2 (each content
 // row's largest probability on another content key). q, k: this head's (S, Dh).
+// w.set_sample(P, b) must have been called.
 template <typename qk_t>
 void head_stats(const Problem& P, const qk_t* q, const qk_t* k, int64_t b, float* s1, float* s2, Scratch& w) {
-  const int64_t S = P.S, Dh = P.Dh;
-  const int64_t Spad = round_up(S, kKeyBlock);
+  const int64_t S = P.S, Dh = P.Dh, Spad = w.Spad;
   const bool* valid = P.valid + b * S;
   const int64_t a = P.anchor[b];
-  float* kt = w.kt.data();
-  float* qb = w.qb.data();
-  float* logits = w.logits.data();
-
-  // K^T of this head as float, once (padding columns S..Spad stay zero).
-  for (int64_t key = 0; key < S; ++key) {
-    const qk_t* kr = k + key * Dh;
-    for (int64_t d = 0; d < Dh; ++d) kt[d * Spad + key] = static_cast<float>(kr[d]);
+  const float* qp;
+  const float* kp;
+  if constexpr (std::is_same_v<qk_t, float>) {
+    qp = q;
+    kp = k;
+  } else {
+    to_float(q, w.qf.data(), S * Dh);
+    to_float(k, w.kf.data(), S * Dh);
+    qp = w.qf.data();
+    kp = w.kf.data();
   }
+  float* logits = w.logits.data();
+  gemm_nt(S, S, Dh, qp, Dh, kp, Dh, logits, Spad);
 
-  for (int64_t j0 = 0; j0 < S; j0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, S - j0);
-    bool needed = false;  // rows of padding are never used, except the anchor's
-    for (int64_t r = 0; r < rows; ++r) needed |= valid[j0 + r] || (j0 + r == a);
-    if (!needed) continue;
-    const int64_t n_keys = P.causal ? j0 + rows : S;
-    const int64_t n_pad = round_up(n_keys, kKeyBlock);
-
-    for (int64_t r = 0; r < kRowBlock; ++r) {
-      float* qr = qb + r * Dh;
-      if (r < rows) {
-        const qk_t* src = q + (j0 + r) * Dh;
-        for (int64_t d = 0; d < Dh; ++d) qr[d] = static_cast<float>(src[d]);
-      } else {
-        std::fill(qr, qr + Dh, 0.f);
-      }
-    }
-
-    logits_block(kt, qb, logits, Dh, Spad, n_pad);
-
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t j = j0 + r;
-      if (!(valid[j] || j == a)) continue;
-      float* l = logits + r * Spad;
-      const int64_t nk = P.causal ? j + 1 : S;  // keys k <= j when causal
-      for (int64_t key = 0; key < nk; ++key) l[key] *= P.scale;
-      float mx = kNegInf;
-      for (int64_t key = 0; key < nk; ++key) {
-        if (valid[key]) mx = std::max(mx, l[key]);
-      }
-      if (mx == kNegInf) continue;  // no allowed key: the reference row is all zeros
-      float sum = 0.f;
-      float cmax = kNegInf;  // best other content key (k in C, k != j)
-      for (int64_t key = 0; key < nk; ++key) {
-        if (!valid[key]) continue;
-        sum += std::exp(l[key] - mx);
-        if (key != a && key != j) cmax = std::max(cmax, l[key]);
-      }
-      if (valid[j] && j != a && cmax != kNegInf) s2[j] += std::exp(cmax - mx) / sum;
-      if (j == a) {
-        for (int64_t key = 0; key < nk; ++key) {
-          if (valid[key]) s1[key] += std::exp(l[key] - mx) / sum;
-        }
-      }
-    }
+  float* neg_content = w.neg_content.data();
+  for (int64_t j = 0; j < S; ++j) {
+    if (!(valid[j] || j == a)) continue;  // rows of padding are never used, except the anchor's
+    float* t = logits + j * Spad;
+    const int64_t nk = P.causal ? j + 1 : S;  // keys k <= j when causal
+    const int64_t npad = round_up(nk, kLanes);
+    affine_mask(t, P.scale, 0.f, w.neg_valid.data(), npad);
+    for (int64_t key = nk; key < npad; ++key) t[key] = kNegInf;
+    const float saved = neg_content[j];
+    neg_content[j] = kNegInf;  // best *other* content key
+    float mx, cmax;
+    max2(t, neg_content, npad, &mx, &cmax);
+    neg_content[j] = saved;
+    if (mx == kNegInf) continue;  // no allowed key: the reference row is all zeros
+    const float sum = sum_exp(t, mx, npad);
+    if (valid[j] && j != a && cmax != kNegInf) s2[j] += std::exp(cmax - mx) / sum;
+    if (j == a) add_softmax(t, mx, sum, s1, npad);  // masked keys add exp(-inf) = 0
   }
 }
 
 // s3_j = max_m softmax_over_valid_tokens(folded_m . h_j + shift_m). h: (S, D) of sample b.
+// w.set_sample(P, b) must have been called.
 template <typename h_t>
-void bridge_score(const Problem& P, const h_t* h, int64_t b, float* s3, Scratch& w) {
-  const int64_t S = P.S, D = P.D, M = P.M;
-  const bool* valid = P.valid + b * S;
-  float* gate = w.gate.data();
-  for (int64_t j = 0; j < S; ++j) {
-    s3[j] = 0.f;
-    if (!valid[j]) continue;
-    const float* hj;
-    if constexpr (std::is_same_v<h_t, float>) {
-      hj = h + j * D;
-    } else {
-      float* row = w.hrow.data();
-      const h_t* src = h + j * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
-      hj = row;
-    }
-    bridge_logits(P.folded, P.shift, hj, M, D, gate + j, S);
+void bridge_score(const Problem& P, const h_t* h, float* s3, Scratch& w) {
+  const int64_t S = P.S, D = P.D, M = P.M, Spad = w.Spad;
+  const float* hp;
+  if constexpr (std::is_same_v<h_t, float>) {
+    hp = h;
+  } else {
+    to_float(h, w.hf.data(), S * D);
+    hp = w.hf.data();
   }
+  float* gate = w.gate.data();
+  gemm_nt(M, S, D, P.folded, D, hp, D, gate, Spad);
+  std::fill(s3, s3 + Spad, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* g = gate + m * S;
-    float mx = kNegInf;
-    for (int64_t j = 0; j < S; ++j) {
-      if (valid[j]) mx = std::max(mx, g[j]);
-    }
+    float* g = gate + m * Spad;
+    affine_mask(g, 1.f, P.shift[m], w.neg_valid.data(), Spad);
+    const float mx = max1(g, Spad);
     if (mx == kNegInf) continue;  // no valid token at all
-    float sum = 0.f;
-    for (int64_t j = 0; j < S; ++j) {
-      if (valid[j]) sum += std::exp(g[j] - mx);
-    }
-    for (int64_t j = 0; j < S; ++j) {
-      if (valid[j]) s3[j] = std::max(s3[j], std::exp(g[j] - mx) / sum);
-    }
+    const float sum = sum_exp(g, mx, Spad);
+    max_softmax(g, mx, sum, s3, Spad);  // invalid tokens stay 0
   }
 }
 
@@ -323,21 +409,25 @@ template <typename qk_t, typename h_t>
 void run(const Problem& P, const qk_t* q, const qk_t* k, const h_t* hidden, const Outputs& out) {
   const int64_t B = P.B, H = P.H, S = P.S, Dh = P.Dh;
   const int64_t head_stride = S * Dh;
+  constexpr bool float_qk = std::is_same_v<qk_t, float>;
+  constexpr bool float_h = std::is_same_v<h_t, float>;
 
   auto finish_sample = [&](int64_t b, Scratch& w) {
     for (int64_t j = 0; j < S; ++j) {
       w.s1[j] /= static_cast<float>(H);
       w.s2[j] /= static_cast<float>(H);
     }
-    bridge_score<h_t>(P, hidden + b * S * P.D, b, w.s3.data(), w);
+    bridge_score<h_t>(P, hidden + b * S * P.D, w.s3.data(), w);
     finalize(P, b, w.s1.data(), w.s2.data(), w.s3.data(), out);
   };
 
   if (B >= at::get_num_threads() || H == 1) {
-    // Enough samples to keep every thread busy: one sample per work item, O(S) extra memory.
+    // Enough samples to keep every thread busy: one sample per work item.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(P);
+      MklSingleThread single;
+      Scratch w(P, float_qk, float_h);
       for (int64_t b = begin; b < end; ++b) {
+        w.set_sample(P, b);
         std::fill(w.s1.begin(), w.s1.end(), 0.f);
         std::fill(w.s2.begin(), w.s2.end(), 0.f);
         for (int64_t h = 0; h < H; ++h) {
@@ -351,22 +441,27 @@ void run(const Problem& P, const qk_t* q, const qk_t* k, const h_t* hidden, cons
   }
   // Few samples: spread (sample, head) pairs over the threads, then reduce over
   // heads in the same order as above (bit-identical results).
-  std::vector<float> head_s1(B * H * S, 0.f), head_s2(B * H * S, 0.f);
+  const int64_t Spad = round_up(S, kLanes);
+  std::vector<float> head_s1(B * H * Spad, 0.f), head_s2(B * H * Spad, 0.f);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch w(P);
+    MklSingleThread single;
+    Scratch w(P, float_qk, /*float_h=*/true);
     for (int64_t i = begin; i < end; ++i) {
-      head_stats<qk_t>(P, q + i * head_stride, k + i * head_stride, i / H, head_s1.data() + i * S,
-                       head_s2.data() + i * S, w);
+      w.set_sample(P, i / H);
+      head_stats<qk_t>(P, q + i * head_stride, k + i * head_stride, i / H, head_s1.data() + i * Spad,
+                       head_s2.data() + i * Spad, w);
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    Scratch w(P);
+    MklSingleThread single;
+    Scratch w(P, /*float_qk=*/true, float_h);
     for (int64_t b = begin; b < end; ++b) {
+      w.set_sample(P, b);
       std::fill(w.s1.begin(), w.s1.end(), 0.f);
       std::fill(w.s2.begin(), w.s2.end(), 0.f);
       for (int64_t h = 0; h < H; ++h) {
-        const float* a1 = head_s1.data() + (b * H + h) * S;
-        const float* a2 = head_s2.data() + (b * H + h) * S;
+        const float* a1 = head_s1.data() + (b * H + h) * Spad;
+        const float* a2 = head_s2.data() + (b * H + h) * Spad;
         for (int64_t j = 0; j < S; ++j) {
           w.s1[j] += a1[j];
           w.s2[j] += a2[j];

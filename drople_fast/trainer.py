@@ -35,7 +35,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import IWTDConfig
 from .losses import LossWeights

@@ -1,8 +1,6 @@
 """Public API contract: argument checks, backend selection, seeds, IWTDConfig."""
 from __future__ import annotations
 
-import os
-import re
 
 import pytest
 import torch
@@ -12,15 +10,6 @@ from drople_fast import backends
 from drople_fast.backends import BACKENDS, select_backend
 
 B, H, S, Dh, D, M, P = 3, 2, 7, 4, 6, 5, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (badly so on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def good(**over):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from drople_fast.cli import main
 from drople_fast.data import write_synthetic_coop_dataset
@@ -22,13 +21,6 @@ def data_root(tmp_path_factory):
     # a second dataset in the registry's layout (OxfordPets: oxford_pets/images + split_zhou_OxfordPets.json)
     write_synthetic_coop_dataset(root, name="oxford_pets", num_classes=6, images_per_class=8, seed=1)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
 
 
 def complete_runs(folder):

@@ -14,15 +14,6 @@ from drople_fast.functional import IWTDOutput, fixed_budget_index
 from drople_fast.philox import token_uniform
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (badly so on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(B=3, H=2, S=11, Dh=4, D=6, M=4, P=5, causal=False, padded=False, eos=False, gen=0, seed=0,
            elig_frac=0.8):
     g = torch.Generator().manual_seed(gen)

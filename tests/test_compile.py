@@ -32,12 +32,9 @@ HAS_TRACE_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def make(mode, tower="vision", **cfg):

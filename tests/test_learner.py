@@ -14,14 +14,6 @@ from drople_fast.models import create_tiny_clip
 CLASSES = ["red circle", "blue square", "green cross"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make(mode="drop", lora_rank=0, **kw):
     clip = create_tiny_clip(seed=0)
     torch.manual_seed(1)

@@ -23,16 +23,6 @@ import patch_reference as R  # noqa: E402
 REL = 1e-5  # mode "off": fp32 relative error bound (max abs error / max abs value)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. (Two OpenMP threads on a busy 2-core box make each
-    small matmul ~1000x slower; restored after this module.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 

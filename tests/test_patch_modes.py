@@ -26,16 +26,6 @@ TOL = 1e-4  # per-sample original blocks vs padded SDPA blocks: fp32, relative t
 PROB_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. (Two OpenMP threads on a busy 2-core box make each
-    small matmul ~1000x slower; restored after this module.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a, b) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))

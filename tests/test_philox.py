@@ -23,14 +23,6 @@ from drople_fast import philox
 from drople_fast.philox import gumbel_seed, philox4x32, token_uniform, uniform_from_uint32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (badly so on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # (seed, offsets, tl.randint as uint32, tl.rand as float.hex)
 KNOWN = [
     (0, list(range(8)),

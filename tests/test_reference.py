@@ -21,15 +21,6 @@ from drople_fast.reference import (attention_probs, bridge_features, fold_bridge
 EPS = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (badly so on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------
 # independent transcription
 # --------------------------------------------------------------------------

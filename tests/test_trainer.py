@@ -23,13 +23,6 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
-
-
 def config(root, out, **kw):
     base = dict(dataset="Synthetic", root=root, protocol="base2novel", shots=4, seed=1, epochs=2, batch_size=2,
                 lr=5e-3, output_dir=str(out), progress=False, num_threads=1, fewshot_cache=str(out) + "-cache")
