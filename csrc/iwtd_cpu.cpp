@@ -18,10 +18,15 @@
 #include "iwtd_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -102,8 +107,8 @@ struct MklSingleThread {
 
 // 16 floats; one AVX-512 register, two AVX or four SSE registers. (These helpers
 // are internal and always inlined, so the -Wpsabi note about passing 64-byte
-// vectors without AVX-512 does not apply.)
-#pragma GCC diagnostic push
+// vectors without AVX-512 does not apply; GCC reports it at the end of the
+// translation unit, so it is silenced for the whole file.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float vecf __attribute__((vector_size(64)));
 typedef int32_t veci __attribute__((vector_size(64)));
@@ -167,14 +172,29 @@ void affine_mask(float* __restrict t, float scale, float add, const float* __res
   for (int64_t i = 0; i < n; i += kLanes) storev(t + i, (loadv(t + i) * vs + va) + loadv(neg + i));
 }
 
-// *m1 = max_i t[i], *m2 = max_i (t[i] + neg[i]).
+// One logits row: t[i] = t[i] * scale + neg_valid[i] for i < nk and -inf for
+// nk <= i < round_up(nk, kLanes) (keys hidden by the causal mask, or padding);
+// *m1 = max_i t[i] (the softmax max), *m2 = max_i (t[i] + neg_other[i]).
 DROPLE_FAST_CLONES
-void max2(const float* __restrict t, const float* __restrict neg, int64_t n, float* m1, float* m2) {
-  vecf a = splat(kNegInf), c = splat(kNegInf);
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const vecf v = loadv(t + i);
+void scale_mask_max2(float* __restrict t, float scale, const float* __restrict neg_valid,
+                     const float* __restrict neg_other, int64_t nk, float* m1, float* m2) {
+  const vecf vs = splat(scale), ninf = splat(kNegInf);
+  vecf a = ninf, c = ninf;
+  int64_t i = 0;
+  for (; i + kLanes <= nk; i += kLanes) {
+    const vecf v = loadv(t + i) * vs + loadv(neg_valid + i);
+    storev(t + i, v);
     a = vmax(a, v);
-    c = vmax(c, v + loadv(neg + i));
+    c = vmax(c, v + loadv(neg_other + i));
+  }
+  if (i < nk) {
+    veci lane;
+    for (int l = 0; l < kLanes; ++l) lane[l] = l;
+    const veci live = lane < static_cast<int32_t>(nk - i);
+    const vecf v = live ? loadv(t + i) * vs + loadv(neg_valid + i) : ninf;
+    storev(t + i, v);
+    a = vmax(a, v);
+    c = vmax(c, v + loadv(neg_other + i));
   }
   *m1 = hmax(a);
   *m2 = hmax(c);
@@ -216,7 +236,91 @@ void max_softmax(const float* __restrict t, float m, float sum, float* __restric
   for (int64_t i = 0; i < n; i += kLanes) storev(acc + i, vmax(loadv(acc + i), vexp(loadv(t + i) - vm) / vsum));
 }
 
-#pragma GCC diagnostic pop
+
+// ---------------------------------------------------------------------------
+// Work distribution. at::parallel_for cannot be used here: with torch's OpenMP
+// backend it is a header-only `#pragma omp parallel`, which this extension
+// (built without -fopenmp, so as not to load a second OpenMP runtime) compiles
+// as a plain serial loop. Instead the caller and up to get_num_threads() - 1
+// helpers from torch's inter-op pool (at::launch) pull work items from one
+// atomic counter. The caller drains the queue itself if no helper ever starts,
+// so it never waits on a queued task, only on helpers already running items.
+// Each item is computed the same way whoever runs it, so results do not
+// depend on the thread count.
+
+// Hands out item indices in [0, n); -1 when none are left.
+class ItemSource {
+ public:
+  ItemSource(std::atomic<int64_t>* next, int64_t n) : next_(next), n_(n) {}
+  int64_t operator()() {
+    const int64_t i = next_->fetch_add(1, std::memory_order_relaxed);
+    return i < n_ ? i : -1;
+  }
+
+ private:
+  std::atomic<int64_t>* next_;
+  int64_t n_;
+};
+
+struct ItemQueue {
+  std::atomic<int64_t> next{0};
+  int64_t n = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool closed = false;  // the caller has drained the queue: late helpers must not start
+  int active = 0;       // helpers inside `participant`
+  std::exception_ptr error;
+};
+
+// Runs participant(items) on the calling thread and on up to
+// min(at::get_num_threads(), n) - 1 pool threads; every participant pulls
+// item indices from `items` until it returns -1. Each participant typically
+// sets up its own scratch once, then loops over the items it gets.
+template <typename Participant>
+void parallel_items(int64_t n, const Participant& participant) {
+  if (n <= 0) return;
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    std::atomic<int64_t> next{0};
+    ItemSource items(&next, n);
+    participant(items);
+    return;
+  }
+  auto queue = std::make_shared<ItemQueue>();
+  queue->n = n;
+  for (int64_t t = 1; t < threads; ++t) {
+    at::launch([queue, &participant] {
+      {
+        std::lock_guard<std::mutex> lock(queue->mu);
+        if (queue->closed) return;  // the caller is done (and `participant` may be gone)
+        ++queue->active;
+      }
+      try {
+        ItemSource items(&queue->next, queue->n);
+        participant(items);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(queue->mu);
+        if (!queue->error) queue->error = std::current_exception();
+        queue->next.store(queue->n);  // stop handing out items
+      }
+      std::lock_guard<std::mutex> lock(queue->mu);
+      if (--queue->active == 0) queue->cv.notify_all();
+    });
+  }
+  std::exception_ptr caller_error;
+  try {
+    ItemSource items(&queue->next, n);
+    participant(items);
+  } catch (...) {
+    caller_error = std::current_exception();
+    queue->next.store(n);
+  }
+  std::unique_lock<std::mutex> lock(queue->mu);
+  queue->closed = true;
+  queue->cv.wait(lock, [&] { return queue->active == 0; });
+  if (caller_error) std::rethrow_exception(caller_error);
+  if (queue->error) std::rethrow_exception(queue->error);
+}
 
 struct Problem {
   int64_t B, H, S, Dh, D, M;
@@ -305,12 +409,10 @@ void head_stats(const Problem& P, const qk_t* q, const qk_t* k, int64_t b, float
     float* t = logits + j * Spad;
     const int64_t nk = P.causal ? j + 1 : S;  // keys k <= j when causal
     const int64_t npad = round_up(nk, kLanes);
-    affine_mask(t, P.scale, 0.f, w.neg_valid.data(), npad);
-    for (int64_t key = nk; key < npad; ++key) t[key] = kNegInf;
     const float saved = neg_content[j];
     neg_content[j] = kNegInf;  // best *other* content key
     float mx, cmax;
-    max2(t, neg_content, npad, &mx, &cmax);
+    scale_mask_max2(t, P.scale, w.neg_valid.data(), neg_content, nk, &mx, &cmax);
     neg_content[j] = saved;
     if (mx == kNegInf) continue;  // no allowed key: the reference row is all zeros
     const float sum = sum_exp(t, mx, npad);
@@ -423,10 +525,10 @@ void run(const Problem& P, const qk_t* q, const qk_t* k, const h_t* hidden, cons
 
   if (B >= at::get_num_threads() || H == 1) {
     // Enough samples to keep every thread busy: one sample per work item.
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    parallel_items(B, [&](ItemSource& items) {
       MklSingleThread single;
       Scratch w(P, float_qk, float_h);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b; (b = items()) >= 0;) {
         w.set_sample(P, b);
         std::fill(w.s1.begin(), w.s1.end(), 0.f);
         std::fill(w.s2.begin(), w.s2.end(), 0.f);
@@ -443,19 +545,19 @@ void run(const Problem& P, const qk_t* q, const qk_t* k, const h_t* hidden, cons
   // heads in the same order as above (bit-identical results).
   const int64_t Spad = round_up(S, kLanes);
   std::vector<float> head_s1(B * H * Spad, 0.f), head_s2(B * H * Spad, 0.f);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(B * H, [&](ItemSource& items) {
     MklSingleThread single;
     Scratch w(P, float_qk, /*float_h=*/true);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i; (i = items()) >= 0;) {
       w.set_sample(P, i / H);
       head_stats<qk_t>(P, q + i * head_stride, k + i * head_stride, i / H, head_s1.data() + i * Spad,
                        head_s2.data() + i * Spad, w);
     }
   });
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(B, [&](ItemSource& items) {
     MklSingleThread single;
     Scratch w(P, /*float_qk=*/true, float_h);
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t b; (b = items()) >= 0;) {
       w.set_sample(P, b);
       std::fill(w.s1.begin(), w.s1.end(), 0.f);
       std::fill(w.s2.begin(), w.s2.end(), 0.f);

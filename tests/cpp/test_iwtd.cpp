@@ -188,9 +188,9 @@ void test_dispatcher_and_errors() {
                 .findSchemaOrThrow("drople_fast::iwtd_cpu", "")
                 .typed<Result(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                              double, double, const at::Tensor&)>();
+                              double, double, const at::Tensor&, int64_t)>();
   const Result via_op = op.call(in.q, in.k, in.hidden, in.eligible, in.valid, in.anchor, in.folded, in.shift,
-                                in.causal, in.p_min, in.p_max, in.seed);
+                                in.causal, in.p_min, in.p_max, in.seed, /*row_stride=*/0);
   EXPECT(same(via_op, in.run()), "dispatcher call differs from the direct call");
 
   auto expect_error = [](const char* what, const std::function<void()>& fn, const char* needle) {
