@@ -73,15 +73,35 @@ def qkv(block, x: torch.Tensor):
 
 
 def block_forward(block, x: torch.Tensor, mask: Optional[torch.Tensor], kernel: str = "sdpa",
-                  return_qk: bool = False):
-    """One open_clip ``ResidualAttentionBlock`` on (B, S, D); returns x or (x, q, k)."""
-    q, k, v = qkv(block, x)
-    out = attend(q, k, v, mask, kernel)
-    B, H, S, Dh = out.shape
-    out = F.linear(out.transpose(1, 2).reshape(B, S, H * Dh), block.attn.out_proj.weight, block.attn.out_proj.bias)
-    x = x + block.ls_1(out)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+                  return_qk: bool = False, rows: Optional[torch.Tensor] = None):
+    """One open_clip ``ResidualAttentionBlock`` on (B, S, D); returns x or (x, q, k).
+
+    ``rows``: flat indices (into B * S) of the real tokens of a padded batch. Every
+    per-token layer (projections, MLP: most of the FLOPs) then runs on those rows
+    only and just the attention sees the padded layout; padded rows come out zero.
+    """
+    if rows is None:
+        q, k, v = qkv(block, x)
+        out = _attention_out(block, attend(q, k, v, mask, kernel))
+        x = x + block.ls_1(out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return (x, q, k) if return_qk else x
+    B, S, D = x.shape
+    real = x.reshape(B * S, D).index_select(0, rows)
+    packed = F.linear(block.ln_1(real), block.attn.in_proj_weight, block.attn.in_proj_bias)
+    padded = packed.new_zeros(B * S, 3 * D).index_copy(0, rows, packed)
+    H = block.attn.num_heads
+    q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+    attended = attend(q, k, v, mask, kernel).transpose(1, 2).reshape(B * S, D).index_select(0, rows)
+    real = real + block.ls_1(F.linear(attended, block.attn.out_proj.weight, block.attn.out_proj.bias))
+    real = real + block.ls_2(block.mlp(block.ln_2(real)))
+    x = real.new_zeros(B * S, D).index_copy(0, rows, real).view(B, S, D)
     return (x, q, k) if return_qk else x
+
+
+def _attention_out(block, out: torch.Tensor) -> torch.Tensor:
+    B, H, S, Dh = out.shape
+    return F.linear(out.transpose(1, 2).reshape(B, S, H * Dh), block.attn.out_proj.weight, block.attn.out_proj.bias)
 
 
 def check_block(block, where: str) -> None:

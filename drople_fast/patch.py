@@ -132,16 +132,24 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
     if active:
         state.features[tower] = {}
     upcoming = prompts_at(0)
+    rows_of = (None, None)  # (valid mask, its flat real-row indices), recomputed when the layout changes
     for i, block in enumerate(blocks):
         if upcoming is not None and i > 0:
             tokens = tokens.with_prompts(upcoming)
         upcoming = prompts_at(i + 1) if i + 1 < len(blocks) else None
         mask = attention_mask(tokens.valid if tokens.padded else None, causal, tokens.length, tokens.x.device)
+        # Padded batches run their per-token layers on the real rows only (static shapes stay padded
+        # while compiling: the row count is data-dependent).
+        rows = None
+        if tokens.padded and not torch.compiler.is_compiling():
+            if rows_of[0] is not tokens.valid:
+                rows_of = (tokens.valid, tokens.valid.reshape(-1).nonzero().squeeze(1))
+            rows = rows_of[1]
         if i in layers:
-            tokens.x, q, k = block_forward(block, tokens.x, mask, cfg.attention, return_qk=True)
+            tokens.x, q, k = block_forward(block, tokens.x, mask, cfg.attention, return_qk=True, rows=rows)
             tokens = _iwtd_step(state, tokens, q, k, tower, i, seed, causal, upcoming is not None)
         else:
-            tokens.x = block_forward(block, tokens.x, mask, cfg.attention)
+            tokens.x = block_forward(block, tokens.x, mask, cfg.attention, rows=rows)
     return tokens
 
 
