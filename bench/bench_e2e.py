@@ -159,9 +159,9 @@ METER = Meter()
 def meter(monkeypatch):
     original = patch.block_forward
 
-    def counting(block, x, mask, kernel="sdpa", return_qk=False):
+    def counting(block, x, mask, kernel="sdpa", return_qk=False, **kwargs):
         METER.block(x, mask)
-        return original(block, x, mask, kernel, return_qk)
+        return original(block, x, mask, kernel, return_qk, **kwargs)
 
     monkeypatch.setattr(patch, "block_forward", counting)
     return METER
