@@ -31,8 +31,6 @@ the file is never required.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IWTDConfig
+from .jsonio import read_json
 from .losses import LossWeights, drople_loss
 from .patch import apply, bridge_features, get_state, is_patched, set_prompt_hook
 
@@ -81,13 +80,7 @@ def templates_for(dataset: Optional[str]) -> List[str]:
 
 def load_descriptions(path: str) -> Dict[str, List[str]]:
     """Read ``{"classname": ["description", ...] or "description"}``; errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class description file not found: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json(path, "class description file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object mapping class names to descriptions")
     out = {}

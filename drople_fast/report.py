@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .jsonio import read_json
 
 REQUIRED = ("dataset", "seed", "protocol")
 # Keys that describe a run rather than measure it; never averaged as metrics.
@@ -46,13 +47,7 @@ def harmonic_mean(base: float, novel: float) -> float:
 
 def read_metrics(path: str) -> Dict:
     """Read and validate one ``metrics.json``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    m = read_json(path, "metrics file")
     if not isinstance(m, dict):
         raise ValueError(f"{path}: expected a JSON object")
     keys = REQUIRED + (B2N_KEYS if m.get("protocol") == BASE2NOVEL else ())

@@ -48,13 +48,14 @@ Expected layouts, all under one dataset root ``<root>`` (as in CoOp's
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ..jsonio import read_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -199,12 +200,7 @@ def classnames_from_records(splits: Dict[str, List[Record]], source: str) -> Lis
 
 def read_split_json(split_file: str, image_dir: str) -> Dict[str, List[Record]]:
     """Read a CoOp ``split_zhou_*.json``; paths are joined to ``image_dir``."""
-    _require_file(split_file, "split file")
-    try:
-        with open(split_file, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{split_file} is not valid JSON: {exc}") from exc
+    data = read_json(split_file, "split file")
     if not isinstance(data, dict):
         raise ValueError(f"{split_file}: expected an object with keys {list(SPLITS)}")
     out: Dict[str, List[Record]] = {}
