@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .config import IWTDConfig
+from .jsonio import read_json
 from .losses import LossWeights
 from .patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
@@ -577,15 +578,7 @@ def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[s
              progress: bool = True, write: bool = True) -> Dict:
     """Evaluate the learner saved in ``run_dir`` (or ``checkpoint``); optionally on another
     dataset/protocol. Writes ``eval/<dataset>_<protocol>.json`` and ``.md`` in the run dir."""
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"run config not found: {cfg_path}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    cfg = TrainConfig.from_dict(saved)
+    cfg = TrainConfig.from_dict(read_json(os.path.join(run_dir, "config.json"), "run config"))
     ckpt_path = checkpoint or os.path.join(run_dir, CHECKPOINT)
     ckpt = load_checkpoint(ckpt_path)
     overrides = {k: v for k, v in (("dataset", dataset), ("root", root), ("protocol", protocol)) if v is not None}
