@@ -114,3 +114,15 @@ def check_block(block, where: str) -> None:
         raise ValueError(f"{where}: cross-attention blocks are not supported")
     if not getattr(attn, "batch_first", True):
         raise ValueError(f"{where}: attention must be batch_first")
+    # open_clip's newer Attention module (CustomResidualAttentionBlock): same weight names, and the
+    # same computation unless one of its optional extras is switched on.
+    extras = {
+        "qk_norm": not isinstance(getattr(attn, "ln_q", torch.nn.Identity()), torch.nn.Identity),
+        "scaled_cosine": getattr(attn, "logit_scale", None) is not None,
+        "scale_heads": getattr(attn, "head_scale", None) is not None,
+        "inner_norm": not isinstance(getattr(attn, "ln_inner", torch.nn.Identity()), torch.nn.Identity),
+        "scale_attn": not isinstance(getattr(block, "ln_attn", torch.nn.Identity()), torch.nn.Identity),
+    }
+    used = [name for name, on in extras.items() if on]
+    if used:
+        raise ValueError(f"{where}: attention extras {used} are not supported (plain multi-head attention only)")

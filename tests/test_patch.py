@@ -9,6 +9,7 @@ import copy
 import os
 import sys
 
+import open_clip
 import pytest
 import torch
 from torch import nn
@@ -332,3 +333,29 @@ def test_vit_b16_smoke_drop_forward_backward():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("drople_bridge"))
     df.remove(model)
+
+
+def test_custom_attention_blocks_match_unpatched():
+    """open_clip's newer Attention / CustomResidualAttentionBlock (same weight names) is supported."""
+    from open_clip.transformer import CustomResidualAttentionBlock
+
+    model = tiny(vision_cfg={"block_type": "custom"}, text_cfg={"block_type": "custom"})
+    assert isinstance(model.visual.transformer.resblocks[0], CustomResidualAttentionBlock)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    text = open_clip.get_tokenizer("ViT-B-16")(["a red circle", "a photo of a blue square"])
+    model.eval()
+    with torch.no_grad():
+        want = model.encode_image(images), model.encode_text(text)
+        df.apply(model, df.IWTDConfig(mode="drop"))
+        got = model.encode_image(images), model.encode_text(text)
+        model.train()
+        model.encode_image(images)  # IWTD runs on the custom blocks too
+    df.remove(model)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_custom_attention_extras_refused():
+    model = tiny(vision_cfg={"qk_norm": True})
+    with pytest.raises(ValueError, match="qk_norm"):
+        df.apply(model, df.IWTDConfig())
