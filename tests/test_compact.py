@@ -12,6 +12,7 @@ import drople_fast as df
 from drople_fast import ops
 from drople_fast.functional import IWTDOutput, fixed_budget_index
 from drople_fast.philox import token_uniform
+from iwtd_harness import compile_and_compare
 
 
 def inputs(B=3, H=2, S=11, Dh=4, D=6, M=4, P=5, causal=False, padded=False, eos=False, gen=0, seed=0,
@@ -338,17 +339,7 @@ def test_compile_fullgraph_iwtd_and_compact_fixed_matches_eager():
 
     args = (inp["q"], inp["k"], inp["hidden"], torch.ones(2, 9, dtype=torch.bool), inp["bridge_tokens"],
             inp["bridge_weight"], inp["bridge_bias"], torch.tensor([5]))
-    torch._dynamo.reset()
-    # fullgraph=True raises on any graph break; aot_eager traces the custom ops through their fake
-    # implementations and registered autograd without spending time in inductor codegen.
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = compiled(*args)
-    want = step(*args)
-    for g_, w_ in zip(got, want):
-        if g_.is_floating_point():
-            torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(g_, w_)
+    compiled, _ = compile_and_compare(step, args)
     # a second seed re-uses the graph and still matches
     args2 = args[:-1] + (torch.tensor([6]),)
     for g_, w_ in zip(compiled(*args2), step(*args2)):

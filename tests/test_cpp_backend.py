@@ -15,7 +15,7 @@ from drople_fast import ops
 from drople_fast.philox import token_uniform
 from drople_fast.reference import fold_bridge, iwtd_reference
 
-from iwtd_harness import ODD_SHAPES, Case, assert_matches_reference, make_inputs, run
+from iwtd_harness import ODD_SHAPES, Case, assert_matches_reference, compile_and_compare, make_inputs, run
 
 _MISSING = ops.cpp_extension_error()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"C++ extension not available: {_MISSING}")
@@ -235,16 +235,6 @@ def test_torch_compile_fullgraph_matches_eager():
         return out.drop_prob, out.drop_mask, out.keep_order, packed.tokens, packed.index, out.bridge_features
 
     args = [inputs[n] for n in ("q", "k", "hidden", "eligible", "bridge_tokens", "bridge_weight", "bridge_bias")]
-    torch._dynamo.reset()
-    # aot_eager: dynamo (fullgraph: any graph break raises) + AOT tracing through the operator's fake
-    # implementation. Inductor is left out on purpose: lowering the Philox replica that compact_fixed
-    # draws its Gumbel noise with takes minutes on the CPU (an issue of philox.py, not of this op).
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = compiled(*args)
-    want = step(*args)
-    for g, w in zip(got, want):
-        if g.is_floating_point():
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(g, w)
+    # aot_eager through the operator's fake implementation (inductor is covered in test_compact.py)
+    _, got = compile_and_compare(step, args)
     assert got[3].shape == (B, 9, inputs["hidden"].shape[-1])
