@@ -4,8 +4,9 @@
     python bench/report_iwtd.py bench/results/iwtd.json
 
 Every IWTD row times the public call ``drople_fast.iwtd(...)`` under ``torch.no_grad`` (argument
-checks, the fused scores/mask/indices, and the pooled bridge features that the alignment loss
-needs), so the rows differ only in the backend. ``IWTD_BENCH_ROUNDS`` sets the round count
+checks, the fused scores/mask/indices), so the rows differ only in the backend. The pooled bridge
+features that the alignment loss needs are computed when read (the same PyTorch code for every
+backend); the "+ features" rows read them too. ``IWTD_BENCH_ROUNDS`` sets the round count
 (default 5, plus one warm-up round). Backends that cannot run here are skipped with their reason.
 """
 from __future__ import annotations
@@ -68,6 +69,20 @@ def test_iwtd_cpp(run_bench, cpu_inputs):
     out = run_bench(lambda: df.iwtd(**cpu_inputs, backend="cpp"), label="cpp cpu")
     ref = df.iwtd(**cpu_inputs, backend="reference")
     torch.testing.assert_close(out.drop_prob, ref.drop_prob, rtol=1e-4, atol=1e-5)
+
+
+def _with_features(inputs, backend):
+    out = df.iwtd(**inputs, backend=backend)
+    out.bridge_features
+    return out
+
+
+@pytest.mark.benchmark(group="iwtd")
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_iwtd_with_features(run_bench, cpu_inputs, backend):
+    _skip_unless_usable(backend, "cpu")
+    out = run_bench(lambda: _with_features(cpu_inputs, backend), label=f"{backend} + features cpu")
+    assert out.bridge_features.shape == (SHAPE["B"], SHAPE["M"], SHAPE["P"])
 
 
 @pytest.mark.benchmark(group="iwtd")

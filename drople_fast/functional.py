@@ -21,9 +21,21 @@ class IWTDOutput(NamedTuple):
     drop_mask: torch.Tensor  # (B, S) bool
     keep_count: torch.Tensor  # (B,) int64: valid tokens not dropped
     keep_order: torch.Tensor  # (B, S) int64: kept positions first, in order, then -1 (static shape)
-    bridge_features: torch.Tensor  # (B, M, P): pooled bridge features for the alignment loss
     valid: torch.Tensor  # (B, S) bool
     eligible: torch.Tensor  # (B, S) bool: the eligible set E actually used
+    bridge_inputs: tuple = ()  # (hidden, bridge_tokens, bridge_weight, bridge_bias), for bridge_features
+
+    @property
+    def bridge_features(self) -> torch.Tensor:
+        """(B, M, P) pooled bridge features ``F = G (W h + b)`` for the alignment loss.
+
+        Computed on access (differentiable with respect to the hidden states and the
+        bridge module), so a caller that never reads them does not pay for them;
+        keep the tensor if you need it twice.
+        """
+        if not self.bridge_inputs:
+            raise ValueError("this IWTDOutput was built without bridge inputs")
+        return bridge_features(*self.bridge_inputs, self.valid)
 
     @property
     def keep_index(self) -> torch.Tensor:
@@ -82,7 +94,8 @@ def iwtd(
 
     The mask is drawn with Philox at offset ``b * row_stride + j``, so every backend
     returns the same ``drop_mask`` for the same seed. ``bridge_features`` is
-    differentiable with respect to the hidden states and the bridge module.
+    computed when read, differentiable with respect to the hidden states and
+    the bridge module.
     """
     check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, anchor_index, valid,
                     p_min, p_max)
@@ -104,10 +117,9 @@ def iwtd(
             eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
             bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device), int(row_stride),
         )
-    features = bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid)
     content = valid & (torch.arange(S, device=device)[None, :] != anchor[:, None])
-    return IWTDOutput(importance, drop_prob, drop_mask, keep_count, keep_order, features, valid,
-                      eligible & content)
+    return IWTDOutput(importance, drop_prob, drop_mask, keep_count, keep_order, valid, eligible & content,
+                      (hidden, bridge_tokens, bridge_weight, bridge_bias))
 
 
 def compact(hidden: torch.Tensor, out: IWTDOutput) -> Compacted:

@@ -22,7 +22,7 @@ from torch import nn
 from .attention import attention_mask, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
 from .config import IWTDConfig
-from .functional import compact_fixed, iwtd
+from .functional import IWTDOutput, compact_fixed, iwtd
 from .philox import token_normal
 from .tokens import Tokens, start
 
@@ -50,7 +50,9 @@ class PatchState:
         self.bridge = bridge
         self.originals = originals  # (module, original class)
         self.hook: Optional[PromptHook] = None
-        self.features: dict[str, dict[int, torch.Tensor]] = {t: {} for t in TOWERS}
+        # per tower, per layer: the IWTDOutput of the last training forward, replaced by its
+        # bridge features once bridge_features() has been asked for them
+        self.features: dict[str, dict] = {t: {} for t in TOWERS}
         self.counters = {t: torch.zeros((), dtype=torch.int64) for t in TOWERS}
         self.state_hooks: list = []
 
@@ -84,7 +86,7 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     out = iwtd(q, k, tokens.x, tokens.eligible & tokens.valid, bridge_tokens, weight, bias, tokens.anchor,
                valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
                seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride)
-    state.features[tower][layer] = out.bridge_features
+    state.features[tower][layer] = out  # bridge features are computed when bridge_features() asks
     if cfg.mode == "perturb":
         noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length,
                              row_stride=tokens.row_stride).to(tokens.x.dtype)
@@ -370,8 +372,17 @@ def set_prompt_hook(model: nn.Module, hook: Optional[PromptHook]) -> None:
 
 
 def bridge_features(model: nn.Module) -> dict[str, dict[int, torch.Tensor]]:
-    """Per tower, per IWTD layer, the (batch, M, P) bridge features of the last training forward."""
-    return _state(model).features
+    """Per tower, per IWTD layer, the (batch, M, P) bridge features of the last training forward.
+
+    They are computed on the first call after a forward (and kept), so training without the
+    alignment loss never pays for them.
+    """
+    features = _state(model).features
+    for per_layer in features.values():
+        for layer, value in per_layer.items():
+            if isinstance(value, IWTDOutput):
+                per_layer[layer] = value.bridge_features
+    return features
 
 
 def patch_state_dict(model: nn.Module) -> dict:

@@ -40,7 +40,7 @@ def fake_output(drop_prob: torch.Tensor, eligible: torch.Tensor, valid: torch.Te
     valid = torch.ones(B, S, dtype=torch.bool) if valid is None else valid
     z = torch.zeros(B, S)
     return IWTDOutput(z, drop_prob, torch.zeros(B, S, dtype=torch.bool), valid.sum(1),
-                      torch.arange(S).expand(B, S).clone(), torch.zeros(B, 1, 1), valid, eligible & valid)
+                      torch.arange(S).expand(B, S).clone(), valid, eligible & valid)
 
 
 # --------------------------------------------------------------------------

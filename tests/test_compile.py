@@ -56,10 +56,9 @@ def make(mode, tower="vision", **cfg):
 
 
 def image_step(model):
-    feats = df.bridge_features(model)
-
     def step(images):
         out = model.encode_image(images)
+        feats = df.bridge_features(model)  # after the forward: features are computed on this call
         loss = out.square().mean() + sum(f.square().mean() for f in feats["vision"].values())
         feats["vision"] = {}  # nothing with a grad_fn may leak out of a graph that ran backward
         loss.backward()
@@ -109,10 +108,9 @@ def test_drop_fixed_image_forward_fullgraph_backward_outside():
     """The portable form (any torch): forward + loss as one graph, AOTAutograd's backward graph after it."""
     model, trainable = make("drop_fixed", vision_layers=(0, 1), keep=0.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    feats = df.bridge_features(model)
-
     def forward(x):
         out = model.encode_image(x)
+        feats = df.bridge_features(model)  # after the forward: features are computed on this call
         return out.square().mean() + sum(f.square().mean() for f in feats["vision"].values())
 
     def step(fn):
@@ -131,10 +129,9 @@ def test_drop_fixed_image_forward_fullgraph_backward_outside():
 def test_drop_fixed_text_step_compiles():
     model, trainable = make("drop_fixed", "text", text_layers=(0, 1), keep=0.5)
     text = R.make_text([3, 9, 1], n_ctx=4)
-    feats = df.bridge_features(model)
-
     def step(t):
         out = model.encode_text(t)
+        feats = df.bridge_features(model)
         loss = out.square().mean() + sum(f.square().mean() for f in feats["text"].values())
         loss.backward()
         return loss.detach()
