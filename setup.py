@@ -51,7 +51,8 @@ def extension_modules():
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx_flags},
-        # at::parallel_for runs on torch's own intra-op pool, so no -fopenmp is needed.
+        # No -fopenmp (a second OpenMP runtime could be loaded): csrc/iwtd_cpu.cpp spreads its work
+        # over torch's inter-op pool itself, since at::parallel_for would run serially here.
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
