@@ -95,11 +95,10 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
         return tokens
     # Prompts are re-supplied by the next layer: remove them now rather than in a second gather.
     doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)
-    prompts_kept = "none" if replace_next else "some"
     if cfg.mode == "drop":
         if not replace_next:  # the kernel's own compaction indices
-            return tokens.keep_index(out.keep_index, prompts_kept)
-        return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_kept)
+            return tokens.keep_index(out.keep_index)
+        return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_removed=True)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
     out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)
     n_elig = _static_eligible(tokens, tower, replace_next)
@@ -110,7 +109,7 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     num_always = tokens.length - n_elig - doomed_count
     index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed,
                           row_stride=tokens.row_stride).index
-    return tokens.gather(index, prompts_kept, padded=tokens.padded)
+    return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded)
 
 
 def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional[int]:

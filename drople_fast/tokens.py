@@ -46,30 +46,29 @@ class Tokens:
     def length(self) -> int:
         return self.x.shape[1]
 
-    def gather(self, index: torch.Tensor, prompts_kept: str, padded: bool) -> "Tokens":
+    def gather(self, index: torch.Tensor, prompts_removed: bool, padded: bool) -> "Tokens":
         """Keep the positions in ``index`` (B, K), -1 = padding; flags follow their tokens.
 
-        ``prompts_kept``: "all" (layout unchanged), "none" (every prompt removed) or
-        "some" (prompts now sit at different positions per sample).
+        ``prompts_removed``: the index drops every prompt; otherwise the surviving
+        prompts may now sit at different positions per sample.
         """
         ok = index >= 0
         safe = index.clamp(min=0)
         pick = lambda t: torch.gather(t, 1, safe) & ok  # noqa: E731
         anchor = (index == self.anchor[:, None]).to(torch.int64).argmax(dim=1)
-        scattered = prompts_kept == "some" and (self.num_prompts > 0 or self.scattered)
+        scattered = not prompts_removed and (self.num_prompts > 0 or self.scattered)
         return replace(self, x=ops.gather_tokens(self.x, index), valid=pick(self.valid), prompt=pick(self.prompt),
                        eligible=pick(self.eligible), anchor=anchor, padded=self.padded or padded,
-                       num_prompts=self.num_prompts if prompts_kept == "all" else 0,
-                       scattered=False if prompts_kept == "none" else (self.scattered or scattered))
+                       num_prompts=0, scattered=scattered)
 
-    def keep(self, keep: torch.Tensor, prompts_kept: str = "some") -> "Tokens":
+    def keep(self, keep: torch.Tensor, prompts_removed: bool = False) -> "Tokens":
         """Keep the positions where ``keep`` (B, S) is True (data-dependent width, so padded)."""
         order, count = keep_order(keep)
-        return self.keep_index(order[:, : int(count.max())], prompts_kept)
+        return self.keep_index(order[:, : int(count.max())], prompts_removed)
 
-    def keep_index(self, index: torch.Tensor, prompts_kept: str = "some") -> "Tokens":
+    def keep_index(self, index: torch.Tensor, prompts_removed: bool = False) -> "Tokens":
         """Gather a compaction index whose width is the largest kept count (trimmed or not alike)."""
-        return replace(self.gather(index, prompts_kept, padded=True), trimmed=0)
+        return replace(self.gather(index, prompts_removed, padded=True), trimmed=0)
 
     def without_prompts(self) -> "Tokens":
         """Remove the prompt tokens (before the next layer supplies its own)."""
@@ -81,7 +80,7 @@ class Tokens:
             anchor = torch.where(self.anchor > 0, self.anchor - n, self.anchor)
             return replace(self, x=cut(self.x), valid=cut(self.valid), prompt=cut(self.prompt),
                            eligible=cut(self.eligible), anchor=anchor, num_prompts=0)
-        return self.keep(self.valid & ~self.prompt, prompts_kept="none")
+        return self.keep(self.valid & ~self.prompt, prompts_removed=True)
 
     def with_prompts(self, prompts: torch.Tensor, eligible: bool = True) -> "Tokens":
         """Insert (1 or B, n, D) prompts at position 1, replacing any prompts present."""
