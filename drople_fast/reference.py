@@ -45,8 +45,8 @@ def fold_bridge(bridge_tokens: torch.Tensor, bridge_weight: torch.Tensor, bridge
 
 
 def bridge_logits(hidden: torch.Tensor, folded: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor):
-    """(B, M, S) alignment logits with padding at -inf (tau = 1, no 1/sqrt(d))."""
-    logits = torch.einsum("md,bsd->bms", folded, hidden.float()) + shift[None, :, None]
+    """(B, M, S) alignment logits ``(T W) h + T b`` with padding at -inf (tau = 1, no 1/sqrt(d))."""
+    logits = torch.einsum("md,bsd->bms", folded, hidden) + shift[None, :, None]
     return logits.masked_fill(~valid[:, None, :], float("-inf"))
 
 
@@ -57,9 +57,7 @@ def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
     hidden dtype so gradients reach the tokens, the map and the hidden states.
     """
     # Fold the map into the tokens first: M x D instead of S x D x P per sample.
-    folded = bridge_tokens @ bridge_weight
-    logits = (hidden @ folded.t()).transpose(1, 2) + (bridge_tokens @ bridge_bias)[None, :, None]
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    logits = bridge_logits(hidden, bridge_tokens @ bridge_weight, bridge_tokens @ bridge_bias, valid)
     # Softmax in at least float32 (low-precision inputs), in float64 when given float64.
     gate = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(hidden.dtype)
     return (gate @ hidden) @ bridge_weight.t() + bridge_bias
@@ -112,7 +110,7 @@ def iwtd_from_attention(
     key_ok = content[:, None, None, :] & ~torch.eye(S, dtype=torch.bool, device=attn.device)
     s2 = attn.masked_fill(~key_ok, 0.0).amax(dim=-1).mean(dim=1)
     # 3. best bridge token's attention to each token (softmax over tokens)
-    s3 = torch.softmax(bridge_logits(hidden, folded, shift, valid), dim=-1).amax(dim=1)
+    s3 = torch.softmax(bridge_logits(hidden.float(), folded, shift, valid), dim=-1).amax(dim=1)
     # 4. normalise each score over C and average
     importance = (_normalise_over(s1, content) + _normalise_over(s2, content) + _normalise_over(s3, content)) / 3.0
     # 5. min-max over C (a zero range counts as one)
