@@ -83,7 +83,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "gpu": ["triton", "xformers"],
     },
-    entry_points={"console_scripts": ["drople-fast = drople_fast.cli:main"]},
+    entry_points={"console_scripts": ["drople-fast = drople_fast.training.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

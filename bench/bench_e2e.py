@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import drople_fast as df
-from drople_fast import patch
+from drople_fast.clip import patch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_BATCH", 32 if DEVICE.type == "cuda" else 8))

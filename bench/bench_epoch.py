@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from drople_fast.data import write_synthetic_coop_dataset
-from drople_fast.trainer import TrainConfig, build_clip, build_training, make_plan, seed_everything, train_one_epoch
+from drople_fast.training.data import write_synthetic_coop_dataset
+from drople_fast.training.trainer import TrainConfig, build_clip, build_training, make_plan, seed_everything, train_one_epoch
 
 MODES = ["off", "perturb", "drop"]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import drople_fast as df
-from drople_fast.backends import BACKENDS
+from drople_fast.ops.backends import BACKENDS
 
 SHAPE = dict(B=32, S=201, D=768, H=12, Dh=64, M=64, P=512)  # as bench/conftest.py
 

@@ -1,6 +1,6 @@
 """``python -m drople_fast``: the ``drople-fast`` console script."""
 import sys
 
-from .cli import main
+from .training.cli import main
 
 sys.exit(main())

@@ -16,8 +16,8 @@ def _version(distribution: str) -> str:
 
 
 def report() -> list[tuple[str, str]]:
-    from .attention import xformers_unavailable
-    from .backends import describe
+    from .clip.attention import xformers_unavailable
+    from .ops.backends import describe
 
     from . import __version__
 

@@ -71,7 +71,7 @@ def assert_matches_reference(inputs: dict, backend: str, dtype: torch.dtype = to
     # A mask can only differ where the uniform draw lies within rounding of p.
     differ = got.drop_mask.cpu() != ref.drop_mask.cpu()
     if differ.any():
-        from drople_fast.philox import token_uniform
+        from drople_fast.ops.philox import token_uniform
 
         u = token_uniform(inputs.get("seed", 0), *ref.drop_mask.shape)
         gap = (u - ref.drop_prob.cpu()).abs()[differ]

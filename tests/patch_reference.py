@@ -5,8 +5,8 @@ model taken before ``drople_fast.apply``) one sample at a time, on exactly the
 tokens that sample still has -- no padding, no key-padding masks, no gather op.
 At every IWTD layer it materialises the layer's softmax attention from the
 block's own ``ln_1`` + packed ``in_proj`` (causal for text), scores it with
-``drople_fast.reference.iwtd_from_attention`` (DESIGN §1 steps 1-6) and draws
-the Bernoulli mask itself from ``drople_fast.philox.token_uniform`` at offset
+``drople_fast.ops.reference.iwtd_from_attention`` (DESIGN §1 steps 1-6) and draws
+the Bernoulli mask itself from ``drople_fast.ops.philox.token_uniform`` at offset
 ``b * W + j``, where ``W`` is the width the *untrimmed* batched text tower
 would have at that layer (the longest sample, plus -- in the text tower until
 a "drop" compaction -- the padding tail after the longest EOS), so EOS
@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from drople_fast.philox import gumbel_seed, token_normal, token_uniform
-from drople_fast.reference import iwtd_from_attention
+from drople_fast.ops.philox import gumbel_seed, token_normal, token_uniform
+from drople_fast.ops.reference import iwtd_from_attention
 
 TOWER_INDEX = {"vision": 0, "text": 1}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import drople_fast as df
-from drople_fast import backends
-from drople_fast.backends import BACKENDS, select_backend
+from drople_fast.ops import backends
+from drople_fast.ops.backends import BACKENDS, select_backend
 
 B, H, S, Dh, D, M, P = 3, 2, 7, 4, 6, 5, 8
 
@@ -400,7 +400,7 @@ def test_row_stride_checked_and_used():
         raises(ValueError, "row_stride", repr(bad), row_stride=bad)
     # draws come from offsets b * row_stride + j: the mask equals the wider stream's cut
     out = df.iwtd(**good(seed=9, row_stride=S + 4, p_min=0.3, p_max=0.7))
-    from drople_fast.philox import token_uniform
+    from drople_fast.ops.philox import token_uniform
 
     u = token_uniform(9, B, S + 4)[:, :S]
     assert torch.equal(out.drop_mask, out.eligible & (u < out.drop_prob))

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from drople_fast.cli import main
-from drople_fast.data import write_synthetic_coop_dataset
+from drople_fast.training.cli import main
+from drople_fast.training.data import write_synthetic_coop_dataset
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--batch-size", "2", "--shots", "2", "--threads", "1", "--no-progress"]

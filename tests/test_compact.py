@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import drople_fast as df
-from drople_fast import ops
-from drople_fast.functional import IWTDOutput, fixed_budget_index
-from drople_fast.philox import token_uniform
+from drople_fast.ops import library as ops
+from drople_fast.ops.functional import IWTDOutput, fixed_budget_index
+from drople_fast.ops.philox import token_uniform
 from iwtd_harness import compile_and_compare
 
 

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo.testing
 
 import drople_fast as df
-from drople_fast.models import create_tiny_clip
+from drople_fast.training.tiny_clip import create_tiny_clip
 
 sys.path.insert(0, os.path.dirname(__file__))
 import patch_reference as R  # noqa: E402
@@ -139,7 +139,7 @@ def test_drop_fixed_text_step_compiles():
     saved = df.patch_state_dict(model)
     compiled = run(torch.compile(step, backend=BACKEND), text, model, trainable, saved)
     # while compiling the tower runs untrimmed (77 positions), so compare with the untrimmed eager tower
-    df.patch.get_state(model).config.eos_trim = False
+    df.clip.patch.get_state(model).config.eos_trim = False
     eager = run(step, text, model, trainable, saved)
     assert_same(compiled, eager)
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import drople_fast as df
-from drople_fast import ops
-from drople_fast.philox import token_uniform
-from drople_fast.reference import fold_bridge, iwtd_reference
+from drople_fast.ops import library as ops
+from drople_fast.ops.philox import token_uniform
+from drople_fast.ops.primitives import fold_bridge
+from drople_fast.ops.reference import iwtd_reference
 
 from iwtd_harness import ODD_SHAPES, Case, assert_matches_reference, compile_and_compare, make_inputs, run
 

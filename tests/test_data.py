@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from drople_fast.data import (
+from drople_fast.training.data import (
     CLIP_MEAN,
     ImageDataset,
     canonical_name,
@@ -17,7 +17,7 @@ from drople_fast.data import (
     train_transform,
     write_synthetic_coop_dataset,
 )
-from drople_fast.data.datasets import SPLIT_JSON_DATASETS
+from drople_fast.training.data.datasets import SPLIT_JSON_DATASETS
 
 
 def _png(path, value=128, size=8):
@@ -203,7 +203,7 @@ def test_imagenet_missing_classnames(tmp_path):
 def test_corrupt_image_is_named(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG garbage")
-    from drople_fast.data import Record
+    from drople_fast.training.data import Record
 
     with pytest.raises(ValueError, match="bad.png is not a readable image"):
         ImageDataset([Record(str(bad), 0, "x")])[0]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import drople_fast
-from drople_fast.learner import DroPLe, templates_for
-from drople_fast.models import create_tiny_clip
+from drople_fast.training.learner import DroPLe, templates_for
+from drople_fast.training.tiny_clip import create_tiny_clip
 
 CLASSES = ["red circle", "blue square", "green cross"]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from drople_fast.losses import (
+from drople_fast.training.losses import (
     LossWeights,
     alignment_loss,
     drople_loss,

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import drople_fast as df
-from drople_fast.models import create_tiny_clip
-from drople_fast.patch import get_state
+from drople_fast.training.tiny_clip import create_tiny_clip
+from drople_fast.clip.patch import get_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 import patch_reference as R  # noqa: E402

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import drople_fast as df
-from drople_fast import patch
-from drople_fast.models import create_tiny_clip
-from drople_fast.patch import get_state
+from drople_fast.clip import patch
+from drople_fast.training.tiny_clip import create_tiny_clip
+from drople_fast.clip.patch import get_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 import patch_reference as R  # noqa: E402

@@ -1,4 +1,4 @@
-"""drople_fast.philox: known answers, uniformity, seed/offset handling.
+"""drople_fast.ops.philox: known answers, uniformity, seed/offset handling.
 
 The known-answer values below were produced once (while writing this file) by
 running Triton 3.8.0's ``tl.rand`` / ``tl.randint`` under ``TRITON_INTERPRET=1``
@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drople_fast import philox
-from drople_fast.philox import gumbel_seed, philox4x32, token_uniform, uniform_from_uint32
+from drople_fast.ops import philox
+from drople_fast.ops.philox import gumbel_seed, philox4x32, token_uniform, uniform_from_uint32
 
 
 # (seed, offsets, tl.randint as uint32, tl.rand as float.hex)

@@ -4,7 +4,7 @@
 explicit Python loops over samples, heads and tokens on a materialised
 attention map (torch.softmax of q·kᵀ/√d with -inf masks), and with the
 *unfolded* bridge ``T (W h + b)ᵀ``. It shares no code with
-``drople_fast.reference`` except the Philox uniforms.
+``drople_fast.ops.reference`` except the Philox uniforms.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import drople_fast as df
-from drople_fast.philox import token_uniform
-from drople_fast.reference import (attention_probs, bridge_features, fold_bridge, iwtd_from_attention,
+from drople_fast.ops.philox import token_uniform
+from drople_fast.ops.primitives import bridge_features, fold_bridge
+from drople_fast.ops.reference import (attention_probs, iwtd_from_attention,
                                    iwtd_reference)
 
 EPS = 1e-8
@@ -142,7 +143,7 @@ def expected(inp, p_min=0.1, p_max=0.5):
 
 
 def reference_direct(inp, p_min=0.1, p_max=0.5):
-    """drople_fast.reference.iwtd_reference with the fused-backend calling convention."""
+    """drople_fast.ops.reference.iwtd_reference with the fused-backend calling convention."""
     B, _, S, _ = inp["q"].shape
     valid = inp["valid"] if inp["valid"] is not None else torch.ones(B, S, dtype=torch.bool)
     a = inp["anchor_index"]

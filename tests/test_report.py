@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from drople_fast.report import (
+from drople_fast.training.report import (
     base_novel_table,
     find_runs,
     harmonic_mean,

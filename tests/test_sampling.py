@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from drople_fast.data import (
+from drople_fast.training.data import (
     DatasetSplits,
     Record,
     base_novel_labels,
@@ -105,14 +105,14 @@ def test_stale_cache(tmp_path):
         few_shot_split(_dataset(), "train", 2, seed=1, cache_dir=cache)
 
 
-# The child imports only drople_fast.data: a bare parent package stands in for
+# The child imports only drople_fast.training.data: a bare parent package stands in for
 # drople_fast/__init__.py, whose kernel imports would dominate the run time.
 SCRIPT = """
 import json, sys, types
 pkg = types.ModuleType("drople_fast")
 pkg.__path__ = [{repo!r} + "/drople_fast"]
 sys.modules["drople_fast"] = pkg
-from drople_fast.data import DatasetSplits, Record, few_shot_split
+from drople_fast.training.data import DatasetSplits, Record, few_shot_split
 recs = [Record(f"/d/c{{y}}/{{i:03d}}.jpg", y, f"class {{y}}") for y in range(5) for i in range(20)]
 ds = DatasetSplits("toy", [f"class {{y}}" for y in range(5)], train=recs, image_dir="/d")
 cache = sys.argv[1] if len(sys.argv) > 1 else None

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from drople_fast.data import write_synthetic_coop_dataset
-from drople_fast.report import read_metrics
-from drople_fast.trainer import CHECKPOINT, TrainConfig, load_checkpoint, train
+from drople_fast.training.data import write_synthetic_coop_dataset
+from drople_fast.training.report import read_metrics
+from drople_fast.training.trainer import CHECKPOINT, TrainConfig, load_checkpoint, train
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

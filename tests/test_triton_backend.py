@@ -21,7 +21,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import drople_fast as df  # noqa: E402
-from drople_fast.philox import token_uniform  # noqa: E402
+from drople_fast.ops.philox import token_uniform  # noqa: E402
 
 from iwtd_harness import ODD_SHAPES, Case, assert_matches_reference, make_inputs, run  # noqa: E402
 
@@ -37,15 +37,15 @@ def _check(case: Case, generator_seed: int = 0, **overrides):
 
 
 def test_op_is_registered_and_exposed():
-    from drople_fast.backends import select_backend
-    from drople_fast.kernels import iwtd_triton
+    from drople_fast.ops.backends import select_backend
+    from drople_fast.ops.kernels import iwtd_triton
 
     assert select_backend("triton", torch.device(DEVICE), torch.float32) is iwtd_triton.iwtd_triton_op
     assert hasattr(torch.ops.drople_fast, "iwtd_triton")
 
 
 def test_kernels_package_imports_without_triton():
-    code = "import sys; sys.modules['triton'] = None; import drople_fast.kernels as k; assert not k.triton_available()"
+    code = "import sys; sys.modules['triton'] = None; import drople_fast.ops.kernels as k; assert not k.triton_available()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
@@ -153,8 +153,8 @@ def test_philox_stream_matches_tl_rand(seed):
 
 
 def test_opcheck():
-    from drople_fast.kernels.iwtd_triton import iwtd_triton_op
-    from drople_fast.reference import fold_bridge
+    from drople_fast.ops.kernels.iwtd_triton import iwtd_triton_op
+    from drople_fast.ops.primitives import fold_bridge
 
     inputs = make_inputs(Case(2, 2, 9, padded=True), device=DEVICE)
     folded, shift = fold_bridge(inputs["bridge_tokens"], inputs["bridge_weight"], inputs["bridge_bias"])

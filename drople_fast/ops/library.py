@@ -1,6 +1,6 @@
 """torch.library registrations: fake implementations and the token gather op.
 
-Fused IWTD backends share one schema (see :mod:`drople_fast.backends`); their
+Fused IWTD backends share one schema (see :mod:`drople_fast.ops.backends`); their
 fake (meta) implementation only needs shapes, so one function serves all.
 The gather used by compaction is a custom op with a registered autograd
 formula (backward = scatter into the kept positions, zero for dropped ones),

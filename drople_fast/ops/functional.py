@@ -6,10 +6,10 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import ops
+from . import library
 from .backends import select_backend
 from .philox import gumbel_seed, token_uniform
-from .reference import bridge_features, fold_bridge, keep_order
+from .primitives import bridge_features, fold_bridge, keep_order
 from .validation import check_iwtd_args
 
 
@@ -128,7 +128,7 @@ def compact(hidden: torch.Tensor, out: IWTDOutput) -> Compacted:
     Backward scatters gradients to the kept positions; dropped positions get zero.
     """
     index = out.keep_index
-    return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)
+    return Compacted(library.gather_tokens(hidden, index), index >= 0, index)
 
 
 def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[int, torch.Tensor] = 0,
@@ -172,4 +172,4 @@ def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: 
     if num_always is None:
         num_always = int((out.valid & ~out.eligible).sum(dim=1).max())
     index = fixed_budget_index(out, keep, num_always, seed, row_stride)
-    return Compacted(ops.gather_tokens(hidden, index), index >= 0, index)
+    return Compacted(library.gather_tokens(hidden, index), index >= 0, index)

@@ -1,8 +1,8 @@
 """Fused IWTD step in one Triton launch (DESIGN §3, "One fused kernel").
 
 ``iwtd_triton_op`` is the ``drople_fast::iwtd_triton`` custom op with the
-fused signature of :mod:`drople_fast.backends`; its semantics are exactly
-:func:`drople_fast.reference.iwtd_reference` (float32 math whatever the input
+fused signature of :mod:`drople_fast.ops.backends`; its semantics are exactly
+:func:`drople_fast.ops.reference.iwtd_reference` (float32 math whatever the input
 dtype), without ever forming the (B, H, S, S) attention map.
 
 Grid and work split
@@ -84,7 +84,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import fused_fake
+from ..library import fused_fake
 
 _MAX_BRIDGE_TOKENS = 128
 

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import IWTDConfig
+from ..clip.config import IWTDConfig
 from .jsonio import read_json
 from .losses import LossWeights, drople_loss
-from .patch import apply, bridge_features, get_state, is_patched, set_prompt_hook
+from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook
 
 CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -167,7 +167,7 @@ class DroPLe(nn.Module):
     ``forward(images, labels=None, epoch=None, total_epochs=None)`` returns
     the (B, C) logits over the current class list (:meth:`set_classnames`);
     in training mode with labels it returns ``(logits, loss_terms)`` where
-    ``loss_terms["total"]`` is the DroPLe loss of :func:`drople_fast.losses.drople_loss`
+    ``loss_terms["total"]`` is the DroPLe loss of :func:`drople_fast.training.losses.drople_loss`
     at ``epoch`` of ``total_epochs`` (default: :meth:`set_epoch`'s values).
     """
 

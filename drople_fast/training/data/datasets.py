@@ -413,7 +413,7 @@ SPLIT_JSON_DATASETS: Dict[str, Tuple[str, str, str]] = {
     "DTD": ("dtd", "images", "split_zhou_DescribableTextures.json"),
     "EuroSAT": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
     "UCF101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
-    # written by drople_fast.data.synthetic.write_synthetic_coop_dataset(root)
+    # written by drople_fast.training.data.synthetic.write_synthetic_coop_dataset(root)
     "Synthetic": ("synthetic", "images", "split_zhou_Synthetic.json"),
 }
 

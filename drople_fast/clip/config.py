@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .validation import check_probabilities
+from ..ops.validation import check_probabilities
 
 MODES = ("off", "perturb", "drop", "drop_fixed")
 ATTENTION_KERNELS = ("sdpa", "xformers")

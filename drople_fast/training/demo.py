@@ -2,9 +2,9 @@
 
 What it does, honestly:
 
-1. Writes the synthetic CoOp-format dataset of :mod:`drople_fast.data.synthetic`
+1. Writes the synthetic CoOp-format dataset of :mod:`drople_fast.training.data.synthetic`
    (classes such as "red circle", "blue stripes") into the run folder.
-2. Pre-trains the *tiny* CLIP of :mod:`drople_fast.models` (random init, 12
+2. Pre-trains the *tiny* CLIP of :mod:`drople_fast.training.tiny_clip` (random init, 12
    layers of width 64) for a short while with a CLIP-style image-caption
    contrastive loss on the synthetic training images of all classes and their
    class-name captions ("a photo of a red circle."). This is a toy CLIP, not
@@ -44,10 +44,10 @@ def pretrain_tiny_clip(dataset_dir_root: str, out_path: str, steps: int = 200, b
     import open_clip
     from tqdm.auto import tqdm
 
-    from .config import IWTDConfig
+    from ..clip.config import IWTDConfig
     from .data import ImageDataset, eval_transform, get_dataset
-    from .models import create_tiny_clip
-    from .patch import apply, remove
+    from .tiny_clip import create_tiny_clip
+    from ..clip.patch import apply, remove
     from .trainer import _lr_lambda
 
     ds = get_dataset("Synthetic", dataset_dir_root)
@@ -110,7 +110,7 @@ def run_demo(out_dir: Optional[str] = None, mode: str = "drop", num_classes: int
              pretrain_steps: int = 200, shots: int = 8, epochs: int = 5, seed: int = 1, lora_rank: int = 0,
              progress: bool = True, num_threads: Optional[int] = 1) -> Dict:
     """Run the demo into ``out_dir`` (a new temporary folder by default) and return the metrics."""
-    from .config import IWTDConfig
+    from ..clip.config import IWTDConfig
     from .data import write_synthetic_coop_dataset
     from .trainer import TrainConfig, train
 

@@ -10,7 +10,7 @@ A run directory holds, in the order they appear:
 * ``metrics.jsonl`` one JSON line per finished epoch (rewritten from the
   checkpoint's history, so it never disagrees with it);
 * ``results.md``    the evaluation table (zero-shot vs DroPLe);
-* ``metrics.json``  the final metrics in :mod:`drople_fast.report`'s schema,
+* ``metrics.json``  the final metrics in :mod:`drople_fast.training.report`'s schema,
   written last: a run without it is incomplete, whatever else is there.
 
 ``resume=True`` continues from ``checkpoint.pt`` with every state restored,
@@ -36,10 +36,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import IWTDConfig
+from ..clip.config import IWTDConfig
 from .jsonio import read_json
 from .losses import LossWeights
-from .patch import apply, load_patch_state_dict, patch_state_dict
+from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
 
 CHECKPOINT = "checkpoint.pt"
@@ -52,7 +52,7 @@ _RESUME_FREE = {"resume", "num_workers", "progress", "output_dir", "device", "ev
 class TrainConfig:
     """Everything a run needs (release defaults for ViT-B/16 prompt learning).
 
-    ``model``: "tiny" (:func:`drople_fast.models.create_tiny_clip`) or an
+    ``model``: "tiny" (:func:`drople_fast.training.tiny_clip.create_tiny_clip`) or an
     open_clip model name such as "ViT-B-16" (use "ViT-B-16-quickgelu" with
     OpenAI weights). ``pretrained``: a local open_clip checkpoint, OpenAI
     TorchScript archive or Hugging Face CLIP folder (nothing downloads).
@@ -153,8 +153,8 @@ def build_clip(model: str, pretrained: Optional[str] = None, device: torch.devic
     """An (unpatched) open_clip model, with local weights loaded if ``pretrained`` is given."""
     import open_clip
 
-    from .checkpoints import load_pretrained
-    from .models import create_tiny_clip
+    from .pretrained import load_pretrained
+    from .tiny_clip import create_tiny_clip
 
     if model == "tiny":
         clip = create_tiny_clip(seed=0)
@@ -339,7 +339,7 @@ def results_table(plan: Plan, metrics: Dict, zero_shot: Dict) -> str:
 
 
 def final_metrics(cfg: TrainConfig, plan: Plan, accs: Dict, zs: Dict, info: Dict) -> Dict:
-    """``metrics.json`` in the schema of :mod:`drople_fast.report`."""
+    """``metrics.json`` in the schema of :mod:`drople_fast.training.report`."""
     out: Dict[str, Any] = {"dataset": plan.dataset, "seed": cfg.seed, "protocol": plan.protocol,
                            "method": f"drople-{cfg.iwtd.mode}"}
     if plan.protocol == "few_shot":

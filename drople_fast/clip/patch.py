@@ -22,8 +22,8 @@ from torch import nn
 from .attention import attention_mask, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
 from .config import IWTDConfig
-from .functional import IWTDOutput, compact_fixed, iwtd
-from .philox import token_normal
+from ..ops.functional import IWTDOutput, compact_fixed, iwtd
+from ..ops.philox import token_normal
 from .tokens import Tokens, start
 
 BRIDGE_ATTR = "drople_bridge"

@@ -5,7 +5,7 @@ Each protocol function returns a :class:`Plan`: the training classes and
 splits. Evaluation splits are always a dataset's *test* split; nothing here
 offers a test split for model selection; the trainer reports the last epoch.
 
-Metric names (keys of ``metrics.json``, see :mod:`drople_fast.report`):
+Metric names (keys of ``metrics.json``, see :mod:`drople_fast.training.report`):
 
 * ``base2novel``: ``base_acc``, ``novel_acc``, ``hm``
 * ``cross_dataset`` / ``dg``: ``acc`` (source test) and ``acc_<Target>``

@@ -21,7 +21,7 @@ class CLIError(Exception):
 
 
 def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
-    from .config import MODES
+    from ..clip.config import MODES
 
     if single:
         p.add_argument("--dataset", required=True, help="dataset name (e.g. DTD, ImageNet, Synthetic)")
@@ -57,7 +57,7 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
 
 
 def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
-    from .config import IWTDConfig
+    from ..clip.config import IWTDConfig
     from .trainer import TrainConfig
 
     iwtd = IWTDConfig(mode=args.mode, p_min=args.p_min, p_max=args.p_max, keep=args.keep)
@@ -167,13 +167,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import main as info_main
+    from ..info import main as info_main
 
     return int(info_main() or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="drople-fast", description="Fast DroPLe prompt learning for open_clip CLIP.")
     parser.add_argument("--version", action="version", version=f"drople-fast {__version__}")

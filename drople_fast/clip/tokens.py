@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .reference import keep_order
+from ..ops import library
+from ..ops.primitives import keep_order
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Tokens:
         pick = lambda t: torch.gather(t, 1, safe) & ok  # noqa: E731
         anchor = (index == self.anchor[:, None]).to(torch.int64).argmax(dim=1)
         scattered = not prompts_removed and (self.num_prompts > 0 or self.scattered)
-        return replace(self, x=ops.gather_tokens(self.x, index), valid=pick(self.valid), prompt=pick(self.prompt),
+        return replace(self, x=library.gather_tokens(self.x, index), valid=pick(self.valid), prompt=pick(self.prompt),
                        eligible=pick(self.eligible), anchor=anchor, padded=self.padded or padded,
                        num_prompts=0, scattered=scattered)
 

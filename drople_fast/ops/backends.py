@@ -29,9 +29,9 @@ def _reference_fn():
 
 
 def _cpp_fn():
-    from . import ops  # registers the fake implementation
+    from . import library  # registers the fake implementation
 
-    ops.load_cpp_extension()
+    library.load_cpp_extension()
     return torch.ops.drople_fast.iwtd_cpu
 
 
@@ -42,9 +42,9 @@ def _triton_fn():
 
 
 def _cpp_unavailable() -> Optional[str]:
-    from . import ops
+    from . import library
 
-    return ops.cpp_extension_error()
+    return library.cpp_extension_error()
 
 
 def _triton_unavailable() -> Optional[str]:

@@ -1,0 +1,9 @@
+"""The DroPLe method and its tools: learner, losses, trainer, protocols, data, reports, the CLI.
+
+Imported only on demand (``import drople_fast`` does not load it): it pulls in
+torchvision, PIL and tqdm, which an operator user never needs.
+"""
+from .learner import DroPLe
+from .trainer import TrainConfig, train
+
+__all__ = ["DroPLe", "TrainConfig", "train"]
