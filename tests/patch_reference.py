@@ -16,7 +16,9 @@ Semantics replicated from the issue / patch docstrings:
 
 * layout ``[anchor-prefix, prompts, rest]``; a layer's prompts go in at
   position 1 and replace the previous layer's (whatever of them survived);
-* vision prompts are inserted after ``ln_pre``; text prompts at layer 0
+* vision prompts at layer 0 go through ``ln_pre`` (the release concatenates
+  them before its pre-LayerNorm, release/models/drople.py:753-757), deeper
+  ones are inserted as given; text prompts at layer 0
   replace the placeholder ids after SOS and get their positional embedding,
   deeper text prompts get none;
 * seeds: forward ``n`` (1-based count of training forwards of that tower with
@@ -224,6 +226,7 @@ def vision_reference(orig_model, images, cfg, bridge, hook, seed: Optional[int])
         samples.append(Sample(x[b], torch.zeros(S, dtype=torch.bool), elig, 0))
     first = prompts_at(0)
     if first is not None:
+        first = visual.ln_pre(first)
         samples = [s.replace_prompts(first.expand(B, -1, -1)[b]) for b, s in enumerate(samples)]
     samples, logs = run_tower(visual.transformer.resblocks, samples, "vision", False, cfg, bridge, prompts_at, seed,
                               set(cfg.vision_layers))

@@ -62,12 +62,29 @@ def attend(q, k, v, mask, kernel: str = "sdpa"):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+ADAPTER_ATTR = "_drople_lora"
+
+
+def in_proj(attn, h: torch.Tensor) -> torch.Tensor:
+    """The packed (..., 3D) q/k/v projection of the normalised input ``h``.
+
+    An adapter attached as ``attn.__dict__[ADAPTER_ATTR]`` (the learner's LoRA) adds its own
+    term computed from ``h``; it is not folded into the weight because LoRA's dropout acts on
+    the input (peft: ``B(A(dropout(h))) * scale``).
+    """
+    packed = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    adapter = attn.__dict__.get(ADAPTER_ATTR)
+    if adapter is not None and adapter.enabled:
+        packed = packed + adapter(h).to(packed.dtype)
+    return packed
+
+
 def qkv(block, x: torch.Tensor):
     """The block's q, k, v as (B, H, S, Dh) from its pre-norm input."""
     attn = block.attn
     B, S, D = x.shape
     H = attn.num_heads
-    packed = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    packed = in_proj(attn, block.ln_1(x))
     q, k, v = packed.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
@@ -88,7 +105,7 @@ def block_forward(block, x: torch.Tensor, mask: Optional[torch.Tensor], kernel: 
         return (x, q, k) if return_qk else x
     B, S, D = x.shape
     real = x.reshape(B * S, D).index_select(0, rows)
-    packed = F.linear(block.ln_1(real), block.attn.in_proj_weight, block.attn.in_proj_bias)
+    packed = in_proj(block.attn, block.ln_1(real))
     padded = packed.new_zeros(B * S, 3 * D).index_copy(0, rows, packed)
     H = block.attn.num_heads
     q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)

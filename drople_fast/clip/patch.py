@@ -35,6 +35,8 @@ class PromptHook(Protocol):
     """What a prompt learner supplies. Either method may return None for "no prompts at this layer".
 
     ``vision_prompts(layer, batch)`` -> (1 or B, n, D_vision) tokens inserted before block ``layer``.
+    At layer 0 they go through the tower's ``ln_pre`` like the patch tokens (the release concatenates
+    them before its pre-LayerNorm, release/models/drople.py:753-757); deeper ones go in as given.
     ``text_prompts(layer, batch)`` -> (1 or B, n, D_text). At layer 0 they replace the n placeholder
     tokens that follow SOS in the input ids (and get the positional embedding of those positions).
     """
@@ -172,7 +174,9 @@ class DropleVisionTransformer:
         prompts_at = (lambda i: hook.vision_prompts(i, B)) if hook is not None else (lambda i: None)
         first = prompts_at(0)
         if first is not None:
-            tokens = tokens.with_prompts(first)
+            # LayerNorm is per token, so normalising the prompts apart from the sequence equals the
+            # release's normalising them inside it; only where they sit differs (attention does not care).
+            tokens = tokens.with_prompts(self.ln_pre(first.to(x.dtype)))
         tokens = _run_blocks(state, self.training, self.transformer.resblocks, tokens, "vision", False, prompts_at)
         pooled, out_tokens = self._pool(tokens.x)
         if self.proj is not None:

@@ -1,42 +1,54 @@
 """The DroPLe prompt learner over a patched open_clip ViT CLIP (DESIGN §1).
 
-:class:`DroPLe` owns the learnable parts and nothing else trains:
+:class:`DroPLe` owns the learnable parts and nothing else trains. Every
+default is the release's (README, "release vs drople_fast defaults"):
 
-* text context: 4 tokens initialised from the token embeddings of "a photo of
-  a"; deep: a fresh learnable context for every text layer 0..8 (layers >= 1
-  drawn from N(0, 0.02));
-* visual prompts: 4 tokens for every vision layer 0..5, N(0, 0.02);
-* optional LoRA (rank 8) on the q and v projections of vision layers 6..11;
+* text context: 4 tokens initialised from the embeddings of "a photo of a"
+  (release/models/drople.py:231-236); deep: a fresh context for every text
+  layer 1..8, ``kaiming_uniform_(a=sqrt(5))`` (release/models/drople.py:239-243);
+* visual prompts: 4 tokens for every vision layer 0..5, drawn as the release's
+  one (depth, n, D) tensor with ``kaiming_uniform_(a=sqrt(5))``
+  (release/models/drople.py:225-228); layer 0's go through ``ln_pre``;
+* a trainable logit scale, ``ln(1/0.01)``, clamped to [0, 4.605] before every
+  use (release/models/drople.py:410, 828);
+* LoRA (rank 8, alpha 16, dropout 0.1, peft's initialisation) on the q and v
+  projections of vision layers 6..11 (release/scripts/launch/launch.sh:42-44,60-61);
 * the IWTD bridge that :func:`drople_fast.apply` attaches to the model.
 
-LoRA does not rename or wrap any weight: the attention module's class is
-swapped for a subclass whose ``in_proj_weight`` property returns the stored
-weight plus ``B @ A`` on the q and v rows, so ``model.state_dict()`` keeps
-open_clip's keys (and pretrained checkpoints still load) and the patched
-blocks, which read ``block.attn.in_proj_weight``, see the adapted weight. The
-LoRA factors live on the learner, not on the CLIP model.
+LoRA does not rename or wrap any weight: the factors live on the learner and
+are attached to the attention module as a plain attribute that the patched
+blocks' q/k/v projection reads (:func:`drople_fast.clip.attention.in_proj`),
+so ``model.state_dict()`` keeps open_clip's keys and pretrained checkpoints
+still load.
 
 The frozen CLIP teacher is the same model run with the prompt hook removed,
-LoRA disabled, in eval mode (so IWTD is inactive) and without grad. Its class
-text features are computed once per class list and cached; its image
-features are computed per batch.
+LoRA disabled, in eval mode (so IWTD is inactive) and without grad. (The
+release's peft wraps its vision model in place, so its teacher runs through
+LoRA too; keeping LoRA out of the teacher is a documented deviation.) Its
+class text features are computed once per class list and cached; its image
+features come from the clean (unaugmented) image, once per training image
+(:class:`drople_fast.training.teacher_cache.TeacherImageCache`).
 
-Class prompts for the learner are ``"X X X X {classname}."``: the patch
-replaces the placeholders after SOS with the layer-0 context. The teacher's
-text features average hand-written templates (CoOp's per-dataset template
-plus a small ensemble) and, optionally, class descriptions from a JSON file
-(``{"classname": ["description", ...]}``) such as a language model writes;
-the file is never required.
+Class prompts for the learner are ``"X X X X {classname}"`` without a trailing
+period, as the release tokenises ``"a photo of a {classname}"``
+(release/models/drople.py:140-142): the patch replaces the placeholders after
+SOS with the layer-0 context. The teacher's text features average
+hand-written templates (CoOp's per-dataset template plus a small ensemble)
+and, optionally, class descriptions from a JSON file (``{"classname":
+["description", ...]}``) such as a language model writes; the file is never
+required.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..clip.attention import ADAPTER_ATTR
 from ..clip.config import IWTDConfig
 from .jsonio import read_json
 from .losses import LossWeights, drople_loss
@@ -44,6 +56,17 @@ from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prom
 
 CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
+# The student's class prompt: the release tokenises "a photo of a {}" with no trailing period
+# (release/models/drople.py:141) and learns the context in place of "a photo of a".
+CLASS_PROMPT = "{context} {classname}"
+# release/models/drople.py:410: nn.Parameter(log(1 / 0.01)), trained; :828 clamps it to [0, 4.605]
+# before every use (4.605 is the release's literal, just under ln(100) = 4.60517).
+LOGIT_SCALE_INIT = math.log(1 / 0.01)
+LOGIT_SCALE_MAX = 4.605
+# release/scripts/launch/launch.sh:42-44,60-61 (and release/flags.py:29-33,66-67): LoRA on q/v of
+# vision layers [6, 12), rank 8, alpha 16 (scale 2), dropout 0.1.
+LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.1
+LORA_FIRST_LAYER = 6
 
 # CoOp's per-dataset templates (the teacher's first template).
 DATASET_TEMPLATES = {
@@ -103,52 +126,59 @@ def _tokenize(texts: Sequence[str], context_length: int) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 
-class LoRA(nn.Module):
-    """Rank-r update of the q and v rows of a packed (3D, D) in-projection weight."""
+def kaiming_uniform_release_(tensor: torch.Tensor) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(tensor, a=sqrt(5))``, the release's (and peft's, and nn.Linear's)
+    initialiser: U(±1/sqrt(fan_in)) with fan_in = size(1) * prod(size[2:])."""
+    if tensor.numel() == 0:
+        return tensor
+    with torch.no_grad():
+        return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
-    def __init__(self, dim: int, rank: int = 8, alpha: Optional[float] = None):
+
+class LoRA(nn.Module):
+    """Rank-r updates of the q and v rows of a packed (3D, D) in-projection, as peft's LoRA Linear.
+
+    ``forward(h)`` returns the (..., 3D) packed delta ``[B_q A_q drop(h), 0, B_v A_v drop(h)] * alpha/r``
+    with an independent dropout per projection (peft gives q_proj and v_proj one dropout each).
+    A is ``kaiming_uniform_(a=sqrt(5))`` and B zero: peft's ``init_lora_weights=True``.
+    """
+
+    def __init__(self, dim: int, rank: int = LORA_RANK, alpha: Optional[float] = LORA_ALPHA,
+                 dropout: float = LORA_DROPOUT):
         super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.dim, self.rank = dim, rank
         self.scale = (alpha if alpha is not None else rank) / rank
-        self.q_a = nn.Parameter(torch.randn(rank, dim) / rank)
+        self.q_a = nn.Parameter(kaiming_uniform_release_(torch.empty(rank, dim)))
         self.q_b = nn.Parameter(torch.zeros(dim, rank))
-        self.v_a = nn.Parameter(torch.randn(rank, dim) / rank)
+        self.v_a = nn.Parameter(kaiming_uniform_release_(torch.empty(rank, dim)))
         self.v_b = nn.Parameter(torch.zeros(dim, rank))
+        self.dropout = dropout
         self.enabled = True
 
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        q = F.linear(F.linear(drop(h), self.q_a.to(h.dtype)), self.q_b.to(h.dtype)) * self.scale
+        v = F.linear(F.linear(drop(h), self.v_a.to(h.dtype)), self.v_b.to(h.dtype)) * self.scale
+        return torch.cat([q, torch.zeros_like(q), v], dim=-1)
+
     def delta(self) -> torch.Tensor:
+        """The (3D, D) weight update this LoRA is worth without dropout."""
         zero = self.q_a.new_zeros(self.dim, self.dim)
         return torch.cat([self.q_b @ self.q_a, zero, self.v_b @ self.v_a], dim=0) * self.scale
 
 
-class _LoRAAttention:
-    """Mixin: ``in_proj_weight`` = stored weight + the attached LoRA's delta (state_dict unchanged)."""
-
-    @property
-    def in_proj_weight(self):
-        weight = self._parameters["in_proj_weight"]
-        lora = self.__dict__.get("_drople_lora")
-        if lora is None or not lora.enabled:
-            return weight
-        return weight + lora.delta().to(weight.dtype)
-
-
-_LORA_CLASSES: Dict[type, type] = {}
-
-
 def attach_lora(attn: nn.Module, lora: LoRA) -> None:
-    cls = type(attn)
-    if cls not in _LORA_CLASSES:
-        _LORA_CLASSES[cls] = type(f"LoRA{cls.__name__}", (_LoRAAttention, cls), {"_drople_original": cls})
-    attn.__class__ = _LORA_CLASSES[cls]
-    object.__setattr__(attn, "_drople_lora", lora)  # not a registered submodule: keys stay open_clip's
+    """Let the patched blocks add ``lora`` to ``attn``'s q/k/v projection (not a registered submodule:
+    the CLIP's state_dict keys stay open_clip's)."""
+    object.__setattr__(attn, ADAPTER_ATTR, lora)
 
 
 def detach_lora(attn: nn.Module) -> None:
-    original = getattr(type(attn), "_drople_original", None)
-    if original is not None and issubclass(type(attn), _LoRAAttention):
-        attn.__class__ = original
-    attn.__dict__.pop("_drople_lora", None)
+    attn.__dict__.pop(ADAPTER_ATTR, None)
 
 
 # --------------------------------------------------------------------------
@@ -162,19 +192,23 @@ def _text_owner(model: nn.Module) -> nn.Module:
 
 
 class DroPLe(nn.Module):
-    """Deep vision-language prompts + optional LoRA over a patched (frozen) open_clip CLIP.
+    """Deep vision-language prompts + LoRA over a patched (frozen) open_clip CLIP.
 
-    ``forward(images, labels=None, epoch=None, total_epochs=None)`` returns
-    the (B, C) logits over the current class list (:meth:`set_classnames`);
-    in training mode with labels it returns ``(logits, loss_terms)`` where
-    ``loss_terms["total"]`` is the DroPLe loss of :func:`drople_fast.training.losses.drople_loss`
-    at ``epoch`` of ``total_epochs`` (default: :meth:`set_epoch`'s values).
+    ``forward(images, labels=None, epoch=None, total_epochs=None, teacher_images=None,
+    teacher_features=None)`` returns the (B, C) logits over the current class list
+    (:meth:`set_classnames`); in training mode with labels it returns ``(logits, loss_terms)``
+    where ``loss_terms["total"]`` is the DroPLe loss of :func:`drople_fast.training.losses.drople_loss`
+    at ``epoch`` of ``total_epochs`` (default: :meth:`set_epoch`'s values). The frozen teacher
+    sees ``teacher_images`` (the clean image; default ``images``), or its unit-normalised
+    features are given directly as ``teacher_features`` (B, E).
+    ``lora_rank=0`` turns LoRA off.
     """
 
     def __init__(self, model: nn.Module, classnames: Optional[Sequence[str]] = None,
                  iwtd: Optional[IWTDConfig] = None, n_ctx: int = 4, ctx_init: str = CTX_INIT,
-                 text_depth: int = 9, n_vis: int = 4, vision_depth: int = 6, lora_rank: int = 0,
-                 lora_layers: Optional[Sequence[int]] = None, dataset: Optional[str] = None,
+                 text_depth: int = 9, n_vis: int = 4, vision_depth: int = 6, lora_rank: int = LORA_RANK,
+                 lora_layers: Optional[Sequence[int]] = None, lora_alpha: float = LORA_ALPHA,
+                 lora_dropout: float = LORA_DROPOUT, dataset: Optional[str] = None,
                  templates: Optional[Sequence[str]] = None, descriptions: Optional[str | Dict] = None,
                  loss_weights: Optional[LossWeights] = None):
         super().__init__()
@@ -201,7 +235,8 @@ class DroPLe(nn.Module):
         for p in get_state(model).bridge.parameters():
             p.requires_grad_(bridge_trains)
 
-        # text context: layer 0 from "a photo of a", deeper layers N(0, 0.02)
+        # text context: layer 0 from "a photo of a" (its token embeddings; the patch adds the
+        # positional embedding, which the release's init folds in: same input at every step)
         with torch.no_grad():
             ids = _tokenize([ctx_init], self.context_length).to(owner.token_embedding.weight.device)
             words = len(ctx_init.split())
@@ -209,19 +244,25 @@ class DroPLe(nn.Module):
         if words != n_ctx:
             raise ValueError(f"ctx_init {ctx_init!r} has {words} words but n_ctx={n_ctx}")
         dev = emb.device
+        # deeper text layers: each (n_ctx, width) by kaiming_uniform_(a=sqrt(5)), fan_in = width
+        # (release/models/drople.py:239-243, where width is ViT-B/16's 512)
         self.text_ctx = nn.ParameterList([nn.Parameter(emb.clone())] + [
-            nn.Parameter(torch.randn(n_ctx, text_width, device=dev) * 0.02) for _ in range(text_depth - 1)])
-        self.vision_ctx = nn.ParameterList([
-            nn.Parameter(torch.randn(n_vis, vision_width, device=dev) * 0.02) for _ in range(vision_depth)])
+            nn.Parameter(kaiming_uniform_release_(torch.empty(n_ctx, text_width, device=dev)))
+            for _ in range(text_depth - 1)])
+        # visual prompts: one (depth, n, D) tensor as the release draws it, fan_in = n * D
+        # (release/models/drople.py:225-228), kept per layer
+        vis = kaiming_uniform_release_(torch.empty(vision_depth, n_vis, vision_width, device=dev))
+        self.vision_ctx = nn.ParameterList([nn.Parameter(vis[i].clone()) for i in range(vision_depth)])
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT, device=dev))
 
         # LoRA on q/v of vision layers 6..11 (the layers after the prompted ones)
         self.lora = nn.ModuleDict()
         if lora_rank > 0:
-            layers = tuple(lora_layers) if lora_layers is not None else tuple(range(6, n_vis_layers))
+            layers = tuple(lora_layers) if lora_layers is not None else tuple(range(LORA_FIRST_LAYER, n_vis_layers))
             for i in layers:
                 if not 0 <= i < n_vis_layers:
                     raise ValueError(f"LoRA layer {i} out of range for a {n_vis_layers}-layer vision tower")
-                lora = LoRA(vision_width, lora_rank).to(dev)
+                lora = LoRA(vision_width, lora_rank, lora_alpha, lora_dropout).to(dev)
                 attach_lora(model.visual.transformer.resblocks[i].attn, lora)
                 self.lora[str(i)] = lora
 
@@ -257,7 +298,8 @@ class DroPLe(nn.Module):
         if not names:
             raise ValueError("need at least one class name")
         self.classnames = list(classnames)
-        prompts = [" ".join([PLACEHOLDER] * self.n_ctx) + f" {n}." for n in names]
+        context = " ".join([PLACEHOLDER] * self.n_ctx)
+        prompts = [CLASS_PROMPT.format(context=context, classname=n) for n in names]
         device = self.text_ctx[0].device
         self.register_buffer("prompt_ids", _tokenize(prompts, self.context_length).to(device), persistent=False)
 
@@ -327,28 +369,40 @@ class DroPLe(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp().float()
+    def scale(self) -> torch.Tensor:
+        """exp(logit scale) after clamping the stored log scale to [0, 4.605] in place, as the
+        release does before every use (release/models/drople.py:828, on ``.data``: the gradient
+        reaches the parameter even at the bound)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+        return self.logit_scale.exp().float()
 
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale() * image_features @ text_features.t()
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor,
+               scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        scale = self.scale() if scale is None else scale
+        return scale * image_features @ text_features.t()
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                epoch: Optional[float] = None, total_epochs: Optional[float] = None):
+                epoch: Optional[float] = None, total_epochs: Optional[float] = None,
+                teacher_images: Optional[torch.Tensor] = None, teacher_features: Optional[torch.Tensor] = None):
+        scale = self.scale()
         txt = self.text_features()
         txt_bridge = dict(bridge_features(self.clip)["text"]) if self.training else {}
         img = self.image_features(images)
-        logits = self.logits(img, txt)
+        logits = self.logits(img, txt, scale)
         if not self.training or labels is None:
             return logits
         vis_bridge = dict(bridge_features(self.clip)["vision"])
         layers = sorted(set(vis_bridge) & set(txt_bridge))
         txt_frozen = self.teacher_text_features()
-        img_frozen = self.teacher_image_features(images)
-        scale = self.logit_scale()
-        frozen_logits = scale.detach() * img_frozen @ txt_frozen.t()
+        if teacher_features is None:
+            teacher_features = self.teacher_image_features(images if teacher_images is None else teacher_images)
+        img_frozen = teacher_features.to(img.dtype)
+        # The release scales both sides of its distillation and the residual entropies by its
+        # trainable scale, gradient included (release/models/drople.py:896-914).
+        frozen_logits = scale * img_frozen @ txt_frozen.t()
         _, terms = drople_loss(
-            logits, labels, img, txt, img_frozen, txt_frozen, frozen_logits, scale.detach(),
+            logits, labels, img, txt, img_frozen, txt_frozen, frozen_logits, scale,
             self.epoch if epoch is None else epoch, self.total_epochs if total_epochs is None else total_epochs,
             vis_bridge=[vis_bridge[i] for i in layers], txt_bridge=[txt_bridge[i] for i in layers],
             weights=self.loss_weights)
@@ -357,7 +411,7 @@ class DroPLe(nn.Module):
     # ----- persistence -----------------------------------------------------
 
     def prompt_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Trainable learner tensors (prompts, LoRA), without the CLIP weights or the bridge."""
+        """Trainable learner tensors (prompts, logit scale, LoRA), without the CLIP weights or the bridge."""
         return {n: p.detach().clone() for n, p in self.named_parameters()
                 if p.requires_grad and not n.startswith("clip.")}
 

@@ -11,7 +11,9 @@ Conventions:
   ``model.logit_scale.exp()``, not the stored log value.
 * Features are unit-normalised inside (idempotent on normalised input); the
   L1 terms and the residual therefore compare unit vectors, as the release does.
-* Frozen-CLIP tensors are teacher targets and are detached.
+* Frozen-CLIP features are teacher targets and are detached; the logit
+  scale is not: the release trains it through every term that uses it,
+  the distillation target included (release/models/drople.py:896-914).
 """
 from __future__ import annotations
 
@@ -116,12 +118,16 @@ def kl_to_frozen(logits: torch.Tensor, frozen_logits: torch.Tensor, temperature:
     pᵈ the prompted softmax. Note that, as written in PyTorch, this is
     KL(frozen ‖ prompted) divided by B·C (not B); DESIGN's "KL(prompted ‖
     frozen)" names the same release term. T = 1 by default.
+
+    ``frozen_logits`` is not detached: its features carry no gradient, and the
+    trainable logit scale that multiplies it gets the release's gradient
+    through the target too (release/models/drople.py:902-904).
     """
     t = temperature
     return (
         F.kl_div(
             F.log_softmax(logits / t, dim=1),
-            F.log_softmax(frozen_logits.detach() / t, dim=1),
+            F.log_softmax(frozen_logits / t, dim=1),
             reduction="sum",
             log_target=True,
         )
