@@ -29,6 +29,12 @@ def read_version() -> str:
     return match.group(1)
 
 
+def exact_flags() -> list[str]:
+    """Compiler flags that bit-exactness depends on: csrc/exact_flags.txt, shared with CMakeLists.txt."""
+    lines = (ROOT / "csrc" / "exact_flags.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def extension_modules():
     """The C++ extension, or nothing if disabled / torch is missing."""
     if os.environ.get("DROPLE_FAST_NO_EXT") == "1":
@@ -43,15 +49,15 @@ def extension_modules():
 
     debug = os.environ.get("DROPLE_FAST_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    # No FMA contraction: keeps drop probabilities bit-comparable with the float32 reference.
-    cxx_flags += ["-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags += exact_flags() + ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     ext = CppExtension(
         name="drople_fast._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
+        depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h")) + ["csrc/exact_flags.txt"],
         extra_compile_args={"cxx": cxx_flags},
-        # No -fopenmp (a second OpenMP runtime could be loaded): csrc/iwtd_cpu.cpp spreads its work
+        # No -fopenmp (a second OpenMP runtime could be loaded): csrc/parallel_items.h spreads the work
         # over torch's inter-op pool itself, since at::parallel_for would run serially here.
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,7 +1,8 @@
 // Fused importance-weighted token dropout (IWTD) forward on the CPU.
 //
-// Semantics: drople_fast/reference.py::iwtd_reference (DESIGN.md §1 steps 1-7,
-// computed from q/k as in §3 without materialising the attention map).
+// Semantics: drople_fast/ops/reference.py::iwtd_reference (docs/design.md §2
+// steps 1-7, computed from q/k as in §3 without materialising the attention
+// map). Entry and checks: iwtd_cpu.cpp; the computation: iwtd_kernel.cpp.
 #pragma once
 
 #include <tuple>

@@ -1,6 +1,6 @@
 // The Python module drople_fast._C. It has no functions: importing it loads
 // this shared library, whose static initialisers register the
-// torch.ops.drople_fast.* operators (see iwtd_cpu.cpp). No pybind11 needed.
+// torch.ops.drople_fast.* operators (TORCH_LIBRARY_FRAGMENT in iwtd_cpu.cpp). No pybind11 needed.
 #include <Python.h>
 
 static struct PyModuleDef drople_fast_c_module = {

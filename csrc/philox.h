@@ -19,8 +19,6 @@ constexpr uint32_t kKeyB = 0xBB67AE85u;
 constexpr uint32_t kRoundA = 0xD2511F53u;
 constexpr uint32_t kRoundB = 0xCD9E8D57u;
 constexpr int kRounds = 10;
-// XOR-ed into the seed's high word for the fixed-budget (Gumbel) stream.
-constexpr uint64_t kGumbelStream = 0x6A09E667ull;
 
 // High 32 bits of a 32x32-bit product (CUDA's __umulhi).
 inline uint32_t umulhi(uint32_t a, uint32_t b) {

@@ -231,11 +231,11 @@ def test_triton_device_list_follows_interpreter_flag(monkeypatch):
 
 
 def test_backend_dtype_refusal_is_reported():
-    # the cpp backend does not support float16 (and may not be built): either way it must refuse with a reason
-    reason = BACKENDS["cpp"].why_not(torch.device("cpu"), torch.float16)
+    # the cpp backend refuses float64 (and may not be built): either way it must refuse with a reason
+    reason = BACKENDS["cpp"].why_not(torch.device("cpu"), torch.float64)
     assert reason
     with pytest.raises(ValueError, match="cpp"):
-        select_backend("cpp", torch.device("cpu"), torch.float16)
+        select_backend("cpp", torch.device("cpu"), torch.float64)
     # the reference backend refuses float64 with the list of what it supports
     reason = BACKENDS["reference"].why_not(torch.device("cpu"), torch.float64)
     assert reason and "float64" in reason

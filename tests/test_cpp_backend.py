@@ -21,7 +21,7 @@ from iwtd_harness import ODD_SHAPES, Case, assert_matches_reference, compile_and
 _MISSING = ops.cpp_extension_error()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"C++ extension not available: {_MISSING}")
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (causal, padded, anchor): vision-like, text-like (causal, padded, per-sample EOS anchor), padded vision.
 VARIANTS = [(False, False, "first"), (True, True, "eos"), (False, True, "first"), (True, False, "eos")]
 
@@ -218,7 +218,7 @@ def test_operator_rejects_bad_inputs():
         torch.ops.drople_fast.iwtd_cpu(*bad)
     bad = list(args)
     bad[6] = args[6][:, :-1].contiguous()
-    with pytest.raises(RuntimeError, match=r"folded must be float32 \(M, D\)"):
+    with pytest.raises(RuntimeError, match=r"folded must have shape \(M, D\) = \[6, 24\], got \[6, 23\]"):
         torch.ops.drople_fast.iwtd_cpu(*bad)
 
 

@@ -2,13 +2,15 @@
 
 Every backend implements the same fused signature::
 
-    fn(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed)
+    fn(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed, row_stride=0)
       -> (importance, drop_prob, drop_mask, keep_count, keep_order)
 
 with ``eligible``/``valid`` bool (B, S), ``anchor`` int64 (B,), the folded
-bridge ``folded`` float32 (M, D) and ``shift`` float32 (M,), and ``seed`` an
-int64 tensor of shape (1,) on the input device. ``keep_order`` is (B, S)
-int64: kept positions first in original order, then -1.
+bridge ``folded`` float32 (M, D) and ``shift`` float32 (M,), ``seed`` an
+int64 tensor of shape (1,) on the input device, and ``row_stride`` the Philox
+offset between samples (token j of sample b draws at ``b * row_stride + j``;
+0 means S, see docs/design.md §4). ``keep_order`` is (B, S) int64: kept
+positions first in original order, then -1.
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ BACKENDS: dict[str, Backend] = {
         note="plain PyTorch, materialises the attention map (the test oracle)",
     ),
     "cpp": Backend(
-        "cpp", ("cpu",), (torch.float32, torch.bfloat16), _cpp_fn, _cpp_unavailable,
+        "cpp", ("cpu",), FLOAT_DTYPES, _cpp_fn, _cpp_unavailable,
         note="fused C++ CPU operator (drople_fast._C), parallel over the batch",
     ),
     "triton": Backend(

@@ -1,4 +1,4 @@
-// Invariants of the fused CPU IWTD operator (csrc/iwtd_cpu.cpp). The exact
+// Invariants of the fused CPU IWTD operator (csrc/iwtd_cpu.cpp, csrc/iwtd_kernel.cpp). The exact
 // comparison with the PyTorch reference lives in tests/test_cpp_backend.py;
 // these checks need only libtorch and run under ctest.
 #include <cmath>
@@ -211,7 +211,7 @@ void test_dispatcher_and_errors() {
   expect_error("double q", [&] { Inputs bad = in; bad.q = in.q.to(at::kDouble); bad.k = in.k.to(at::kDouble); bad.run(); },
                "q must be float32, bfloat16 or float16");
   expect_error("folded width", [&] { Inputs bad = in; bad.folded = at::zeros({3, 5}); bad.run(); },
-               "folded must be float32 (M, D)");
+               "folded must have shape (M, D) = [3, 12], got [3, 5]");
 }
 
 }  // namespace
