@@ -16,8 +16,9 @@ import torch
 
 import drople_fast as df
 from drople_fast.ops.backends import BACKENDS
+from drople_fast.ops.testing import VIT_B16_LAYER
 
-SHAPE = dict(B=32, S=201, D=768, H=12, Dh=64, M=64, P=512)  # as bench/conftest.py
+SHAPE = {name: getattr(VIT_B16_LAYER, name) for name in ("B", "S", "D", "H", "M", "P")}
 
 # the row every ratio in report_iwtd.py is taken against
 BASELINE = "test_iwtd_reference_eager[cpu]"

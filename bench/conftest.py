@@ -18,36 +18,21 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-SHAPE = dict(B=32, S=201, D=768, H=12, Dh=64, M=64, P=512)
+from drople_fast.ops.testing import VIT_B16_LAYER, make_inputs
+
+SHAPE = {name: getattr(VIT_B16_LAYER, name) for name in ("B", "S", "D", "H", "Dh", "M", "P")}
 ROUNDS = int(os.environ.get("IWTD_BENCH_ROUNDS", "5"))
 
 
-@dataclass
-class Inputs:
-    args: dict
-    device: torch.device
-
-
 def make_iwtd_inputs(device="cpu", dtype=torch.float32, seed=0) -> dict:
-    s = SHAPE
-    g = torch.Generator().manual_seed(seed)
-    B, S, D, H, Dh, M, P = s["B"], s["S"], s["D"], s["H"], s["Dh"], s["M"], s["P"]
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-
-    eligible = torch.ones(B, S, dtype=torch.bool)
-    eligible[:, 0] = False  # CLS is the anchor; patches and visual prompts are eligible
-    return dict(
-        q=randn(B, H, S, Dh), k=randn(B, H, S, Dh), hidden=randn(B, S, D), eligible=eligible.to(device),
-        bridge_tokens=randn(M, P, scale=0.05), bridge_weight=randn(P, D, scale=0.03), bridge_bias=randn(P, scale=0.01),
-        anchor_index=0, valid=None, causal=False, p_min=0.1, p_max=0.5, seed=1234,
-    )
+    """Keyword arguments of drople_fast.iwtd at SHAPE: the tests' input builder (drople_fast.ops.testing)
+    with every token but the CLS anchor eligible."""
+    return dict(make_inputs(VIT_B16_LAYER.with_(dtype=dtype), device=device, generator_seed=seed), p_min=0.1,
+                p_max=0.5)
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +104,3 @@ def run_bench(benchmark):
 def pytest_report_header(config):
     return (f"iwtd bench: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}, shape={SHAPE}, rounds={ROUNDS}")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _shape_matches_bench_module():
-    import sys
-
-    mod = sys.modules.get("bench_iwtd")
-    if mod is not None:
-        assert mod.SHAPE == SHAPE, "bench_iwtd.SHAPE and bench/conftest.SHAPE disagree"

@@ -1,11 +1,14 @@
-"""Shared inputs and comparisons for testing any IWTD backend against the reference."""
+"""Comparisons for testing any IWTD backend against the reference (inputs: drople_fast.ops.testing)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 import drople_fast as df
+from drople_fast.ops.philox import token_uniform
+from drople_fast.ops.testing import Case, make_inputs, op_args
+
+__all__ = ["Case", "make_inputs", "op_args", "TOLERANCE", "run", "assert_matches_reference", "assert_same_decisions",
+           "assert_outputs_match", "compile_and_compare"]
 
 # fp32 scores must match to 1e-5 relative; low precision inputs are compared
 # to the reference run on the *same rounded inputs*, so only accumulation
@@ -14,76 +17,49 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rto
              torch.float16: dict(rtol=1e-4, atol=1e-5)}
 
 
-@dataclass
-class Case:
-    B: int
-    H: int
-    S: int
-    Dh: int = 8
-    D: int = 24
-    M: int = 6
-    P: int = 10
-    causal: bool = False
-    padded: bool = False
-    anchor: str = "first"  # "first" (vision CLS) or "eos" (per-sample text EOS)
-    dtype: torch.dtype = torch.float32
-    seed: int = 0
-
-
-def make_inputs(case: Case, device="cpu", generator_seed: int = 0) -> dict:
-    """Random but realistic IWTD arguments for ``case``; logits are scaled so softmaxes are peaky."""
-    g = torch.Generator().manual_seed(generator_seed)
-    B, H, S = case.B, case.H, case.S
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(case.dtype).to(device)
-
-    valid = torch.ones(B, S, dtype=torch.bool)
-    if case.padded and S > 2:
-        lengths = torch.randint(2, S + 1, (B,), generator=g)
-        lengths[0] = S
-        valid = torch.arange(S)[None, :] < lengths[:, None]
-    if case.anchor == "eos":
-        anchor = valid.sum(dim=1) - 1
-    else:
-        anchor = torch.zeros(B, dtype=torch.int64)
-    eligible = (torch.rand(B, S, generator=g) < 0.8) & valid
-    return dict(
-        q=randn(B, H, S, case.Dh, scale=1.5), k=randn(B, H, S, case.Dh, scale=1.5),
-        hidden=randn(B, S, case.D), eligible=eligible.to(device),
-        bridge_tokens=randn(case.M, case.P, scale=0.5), bridge_weight=randn(case.P, case.D, scale=0.3),
-        bridge_bias=randn(case.P, scale=0.1), anchor_index=anchor.to(device),
-        valid=valid.to(device) if case.padded else None, causal=case.causal, seed=case.seed,
-    )
-
-
 def run(inputs: dict, backend: str, **overrides) -> df.IWTDOutput:
     return df.iwtd(**{**inputs, **overrides}, backend=backend)
 
 
+def assert_same_decisions(got: df.IWTDOutput, want: df.IWTDOutput, seed, dtype: torch.dtype = torch.float32,
+                          row_stride: int = 0, what: str = "") -> None:
+    """Drop masks equal except where the uniform draw lies within rounding of p, and then only at a few tokens;
+    keep_count / keep_order identical for every sample whose mask agrees.
+
+    Two correct backends compute p to within rounding, so a token whose draw u lies that close to p may
+    flip. Such flips must be rare (at most one per thousand tokens, and at least one allowed): more
+    means the backends disagree on the draws, not on rounding.
+    """
+    got_mask, want_mask = got.drop_mask.cpu(), want.drop_mask.cpu()
+    differ = got_mask != want_mask
+    if differ.any():
+        B, S = want_mask.shape
+        u = token_uniform(seed.cpu() if isinstance(seed, torch.Tensor) else seed, B, S, row_stride=row_stride)
+        gap = (u - want.drop_prob.cpu()).abs()[differ]
+        near = 10 * TOLERANCE[dtype]["atol"]
+        assert gap.max() < near, f"{what}drop_mask differs away from the p boundary (|u - p| = {gap.tolist()})"
+        bound = max(1, differ.numel() // 1000)
+        assert int(differ.sum()) <= bound, f"{what}{int(differ.sum())} drop_mask flips, at most {bound} allowed"
+    same = ~differ.any(dim=1)
+    assert torch.equal(got.keep_count.cpu()[same], want.keep_count.cpu()[same]), f"{what}keep_count differs"
+    assert torch.equal(got.keep_order.cpu()[same], want.keep_order.cpu()[same]), f"{what}keep_order differs"
+    # each flipped token changes its sample's count by one
+    flips = differ.sum(dim=1)
+    assert torch.all((got.keep_count.cpu() - want.keep_count.cpu()).abs() <= flips), f"{what}keep_count off"
+    if bool(same.all()):
+        assert torch.equal(got.keep_index.cpu(), want.keep_index.cpu()), f"{what}keep_index differs"
+
+
 def assert_matches_reference(inputs: dict, backend: str, dtype: torch.dtype = torch.float32, **overrides):
-    """Scores within tolerance and integer outputs identical to the reference backend."""
+    """Scores within tolerance, decisions identical to the reference backend (see assert_same_decisions)."""
     ref = run(inputs, "reference", **overrides)
     got = run(inputs, backend, **overrides)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got.importance.cpu(), ref.importance.cpu(), **tol)
     torch.testing.assert_close(got.drop_prob.cpu(), ref.drop_prob.cpu(), **tol)
-    # A mask can only differ where the uniform draw lies within rounding of p.
-    differ = got.drop_mask.cpu() != ref.drop_mask.cpu()
-    if differ.any():
-        from drople_fast.ops.philox import token_uniform
-
-        u = token_uniform(inputs.get("seed", 0), *ref.drop_mask.shape)
-        gap = (u - ref.drop_prob.cpu()).abs()[differ]
-        assert gap.max() < 1e-5, f"{backend} drop_mask differs from reference away from the p boundary: {gap}"
-        return
-    assert torch.equal(got.keep_count.cpu(), ref.keep_count.cpu())
-    assert torch.equal(got.keep_order.cpu(), ref.keep_order.cpu())
-    assert torch.equal(got.keep_index.cpu(), ref.keep_index.cpu())
-
-
-# Shapes the issue asks for: odd S, H in {1, 3, 12}, B in {1, 5}.
-ODD_SHAPES = [(1, 1, 2), (5, 3, 7), (1, 12, 50), (5, 3, 197), (1, 1, 201), (5, 12, 7)]
+    merged = {**inputs, **overrides}
+    assert_same_decisions(got, ref, merged.get("seed", 0), dtype, merged.get("row_stride", 0), f"{backend}: ")
+    return got, ref
 
 
 def assert_outputs_match(got, want) -> None:

@@ -254,6 +254,9 @@ def test_cpp_backend_unbuilt_or_working():
 
 
 def test_default_backend_runs_on_cpu():
+    cpu = torch.device("cpu")
+    if select_backend(None, cpu, torch.float32) is select_backend("reference", cpu, torch.float32):
+        pytest.skip("backend=None resolves to the reference here: nothing to compare it with")
     out = df.iwtd(**good(backend=None))
     ref = df.iwtd(**good())
     torch.testing.assert_close(out.importance, ref.importance, rtol=1e-5, atol=1e-6)
@@ -392,10 +395,6 @@ def test_config_valid_values_and_keep_count():
 
 
 def test_row_stride_checked_and_used():
-    import inspect
-
-    if "row_stride" not in inspect.signature(df.iwtd).parameters:
-        pytest.skip("iwtd has no row_stride")
     for bad in (-1, 1, S - 1, 2.5, True):
         raises(ValueError, "row_stride", repr(bad), row_stride=bad)
     # draws come from offsets b * row_stride + j: the mask equals the wider stream's cut

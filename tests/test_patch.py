@@ -309,6 +309,7 @@ def test_bad_config(kwargs, fragment):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vit_b16_smoke_drop_forward_backward():
     import open_clip
 

@@ -62,6 +62,7 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(data_root, tmp_path):
     epochs = 3
     full = tmp_path / "full"
