@@ -21,9 +21,10 @@ Semantics replicated from the issue / patch docstrings:
   ones are inserted as given; text prompts at layer 0
   replace the placeholder ids after SOS and get their positional embedding,
   deeper text prompts get none;
-* seeds: forward ``n`` (1-based count of training forwards of that tower with
-  IWTD layers) uses ``seed = n * 64 + ((cfg.seed & 0x7fffffff) << 32) + t``
-  (t = 0 vision, 1 text); layer ``l`` uses ``seed + 2 l``;
+* seeds (transcribed from the layout in ``drople_fast/clip/seeds.py``, not
+  imported from it): forward ``n`` (1-based count of training forwards of
+  that tower with IWTD layers), layer ``l`` of tower ``t`` (0 vision, 1 text)
+  uses the key ``splitmix64(cfg.seed) ^ (n << 12 | l << 1 | t)``;
 * eligible: vision every token but CLS (prompts included); text the prompt
   tokens when the hook supplies text prompts, otherwise every word strictly
   between SOS and EOS;
@@ -49,9 +50,25 @@ from drople_fast.ops.reference import iwtd_from_attention
 TOWER_INDEX = {"vision": 0, "text": 1}
 
 
+def _splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 def forward_seed(config_seed: int, forward_count: int, tower: str) -> int:
-    """The seed of the ``forward_count``-th (1-based) IWTD training forward of ``tower``."""
-    return forward_count * 64 + ((config_seed & 0x7FFFFFFF) << 32) + TOWER_INDEX[tower]
+    """The key of layer 0 of the ``forward_count``-th (1-based) IWTD training forward of ``tower``."""
+    return _signed(_splitmix64(config_seed) ^ (forward_count << 12) ^ TOWER_INDEX[tower])
+
+
+def layer_seed_of(forward_key: int, layer: int) -> int:
+    return forward_key ^ (layer << 1)
 
 
 @dataclass
@@ -144,7 +161,7 @@ def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, brid
         replace_next = i + 1 < len(blocks) and prompts_at(i + 1) is not None
         width = max(s.n for s in samples) + tail
         stride = max(s.n for s in samples) + stride_tail
-        layer_seed = seed + 2 * i
+        layer_seed = layer_seed_of(seed, i)
         seed_t = torch.tensor(layer_seed, dtype=torch.int64)
         uniform = token_uniform(seed_t, B, width, row_stride=stride)
         noise = token_normal(seed_t, B, width, row_stride=stride)

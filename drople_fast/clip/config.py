@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..ops.validation import check_probabilities
+from .seeds import check_seed
 
 MODES = ("off", "perturb", "drop", "drop_fixed")
 ATTENTION_KERNELS = ("sdpa", "xformers")
@@ -41,6 +42,7 @@ class IWTDConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         check_probabilities(self.p_min, self.p_max)
+        self.seed = check_seed(self.seed)
         self.vision_layers = tuple(int(i) for i in self.vision_layers)
         self.text_layers = tuple(int(i) for i in self.text_layers)
         if self.sigma < 0:

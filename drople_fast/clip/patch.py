@@ -21,6 +21,7 @@ from torch import nn
 
 from .attention import attention_mask, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
+from . import seeds
 from .config import IWTDConfig
 from ..ops.functional import IWTDOutput, compact_fixed, iwtd
 from ..ops.philox import token_normal
@@ -28,7 +29,7 @@ from .tokens import Tokens, start
 
 BRIDGE_ATTR = "drople_bridge"
 STATE_ATTR = "_drople_patch"
-TOWERS = ("vision", "text")
+TOWERS = seeds.TOWERS
 
 
 class PromptHook(Protocol):
@@ -59,11 +60,10 @@ class PatchState:
         self.state_hooks: list = []
 
     def next_seed(self, tower: str, device) -> torch.Tensor:
-        """A fresh int64 seed tensor for this tower's forward; layers add their index."""
+        """The (1,) int64 step key of this tower's next training forward (:func:`seeds.step_key`)."""
         counter = self.counters[tower]
         counter.add_(1)
-        base = (self.config.seed & 0x7FFFFFFF) << 32
-        return (counter * 64 + base + TOWERS.index(tower)).to(device).reshape(1)
+        return seeds.step_key(self.config.seed, counter, tower).to(device).reshape(1)
 
 
 def _state(module) -> PatchState:
@@ -84,7 +84,7 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     if tokens.length < 2:  # everything but the anchor is gone: nothing left to score or drop
         return tokens
     bridge_tokens, weight, bias = state.bridge.params_for(tower)
-    layer_seed = seed + 2 * layer
+    layer_seed = seeds.layer_key(seed, layer)
     out = iwtd(q, k, tokens.x, tokens.eligible & tokens.valid, bridge_tokens, weight, bias, tokens.anchor,
                valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
                seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride)

@@ -1,10 +1,15 @@
 """Philox4x32-10 in plain PyTorch, bit-identical to Triton's ``tl.rand``.
 
 Every backend (reference, C++, Triton) draws the IWTD Bernoulli mask from the
-same counter-based generator indexed by ``(seed, offset)`` with
-``offset = sample * S + token``; that is what makes a drop mask reproducible
-on any device. This file is the specification the C++ and Triton kernels are
-tested against (``csrc/philox.h`` and ``tl.rand`` respectively).
+same counter-based generator indexed by ``(key, counter)`` with
+``counter = sample * row_stride + token``; that is what makes a drop mask
+reproducible on any device. This file is the specification the C++ and Triton
+kernels are tested against (``csrc/philox.h`` and ``tl.rand`` respectively).
+The whole random-stream layout (which key a layer of a training step uses,
+which purpose field a derived stream sets, the counter layout) is documented
+in one place, :mod:`drople_fast.clip.seeds`; the operator-level half of it
+(the purpose field and the counters) lives here because the operator derives
+its own streams from the key it is given.
 
 Torch has no uint32 arithmetic on every device, so words are held in int64
 and reduced modulo 2**32; 32x32-bit products are split into 16-bit limbs so
@@ -22,8 +27,17 @@ ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
 # Largest float32 such that (2**31 - 1) * scale < 1 (Triton's uint_to_uniform_float).
 UNIFORM_SCALE = 4.6566127342e-10
-# XOR-ed into the seed's high word to give fixed-budget sampling its own stream (< 2**31: fits int64).
-GUMBEL_STREAM = 0x6A09E667
+# Purpose field: the top 4 bits of a 64-bit Philox key (see drople_fast.clip.seeds). A layer's key
+# has purpose 0 ("mask"); every other stream of that layer is the key with its purpose XOR-ed in.
+PURPOSE_SHIFT = 60
+PURPOSES = {
+    "mask": 0,  # the IWTD Bernoulli drop mask (all backends)
+    "gumbel": 1,  # drop_fixed: Gumbel-top-k noise
+    "normal_a": 2,  # perturb mode: the two uniform streams of the Box-Muller normal
+    "normal_b": 3,
+    "noise_a": 4,  # per-element perturbation noise (reserved for the fused noise op)
+    "noise_b": 5,
+}
 
 
 def _mul_lo_hi(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +80,25 @@ def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
 
-def _token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
+def to_int64(value: int) -> int:
+    """``value`` modulo 2**64 as a signed int64 (the two's-complement view every backend uses)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def token_offsets(batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
+    """(B, S) Philox counters ``b * row_stride + j`` (row_stride 0 means S).
+
+    The text tower passes its untrimmed width as ``row_stride``, so trimming the
+    padding after the last EOS never changes a draw.
+    """
     stride = row_stride if row_stride > 0 else seq
-    offsets = (torch.arange(batch, device=device, dtype=torch.int64)[:, None] * stride
-               + torch.arange(seq, device=device, dtype=torch.int64)[None, :])
-    return uniform_from_uint32(philox4x32(seed, offsets))
+    return (torch.arange(batch, device=device, dtype=torch.int64)[:, None] * stride
+            + torch.arange(seq, device=device, dtype=torch.int64)[None, :])
+
+
+def _token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
+    return uniform_from_uint32(philox4x32(seed, token_offsets(batch, seq, device, row_stride)))
 
 
 # A custom op, so torch.compile treats the generator as one opaque call: inductor
@@ -93,17 +121,21 @@ def token_uniform(seed: torch.Tensor | int, batch: int, seq: int, device=None, r
     return _token_uniform(seed, batch, seq, device, row_stride)
 
 
+def stream(key: torch.Tensor | int, purpose: str) -> torch.Tensor | int:
+    """The key of stream ``purpose`` (see :data:`PURPOSES`) derived from a layer's mask key."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {tuple(PURPOSES)}, got {purpose!r}")
+    field = to_int64(PURPOSES[purpose] << PURPOSE_SHIFT)
+    return to_int64(key ^ field) if isinstance(key, int) else key ^ field
+
+
 def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
     """The key of the fixed-budget (Gumbel-top-k) stream for a given IWTD seed."""
-    return seed ^ (GUMBEL_STREAM << 32)
-
-
-# Keys of the two uniform streams behind the perturb-mode normal noise.
-NORMAL_STREAMS = (0x3C6EF372, 0x510E527F)  # < 2**31, so seed ^ (key << 32) fits int64
+    return stream(seed, "gumbel")
 
 
 def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
     """Standard normal draws (B, S) by Box-Muller over two Philox streams (perturb-mode noise)."""
-    u1 = token_uniform(seed ^ (NORMAL_STREAMS[0] << 32), batch, seq, device, row_stride).clamp(min=1e-7)
-    u2 = token_uniform(seed ^ (NORMAL_STREAMS[1] << 32), batch, seq, device, row_stride)
+    u1 = token_uniform(stream(seed, "normal_a"), batch, seq, device, row_stride).clamp(min=1e-7)
+    u2 = token_uniform(stream(seed, "normal_b"), batch, seq, device, row_stride)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..clip.config import IWTDConfig
+from ..clip.seeds import derive_seed
 from .jsonio import read_json
 from .losses import LossWeights
 from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
@@ -269,7 +270,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
 def make_learner(cfg: TrainConfig, clip, classnames: Sequence[str], rank: int = 0):
     from .learner import DroPLe
 
-    iwtd = dataclasses.replace(cfg.iwtd, seed=cfg.iwtd.seed + 1000 * cfg.seed + rank)
+    iwtd = dataclasses.replace(cfg.iwtd, seed=derive_seed(cfg.iwtd.seed, cfg.seed, rank))
     apply(clip, iwtd)
     return DroPLe(clip, classnames, n_ctx=cfg.n_ctx, text_depth=cfg.text_depth, vision_depth=cfg.vision_depth,
                   lora_rank=cfg.lora_rank, dataset=_dataset_of(cfg), descriptions=cfg.descriptions,
