@@ -6,7 +6,7 @@ Per case: images (or prompts) per second from the median step time, peak
 memory, the speedup against the unpatched step, the ideal token-ratio speedup
 and the efficiency = measured speedup / ideal speedup.
 
-Ideal cost (DESIGN): with L blocks and a token ratio r after layer l,
+Ideal cost: with L blocks and a token ratio r after layer l,
 cost = (l + (L - l) r) / L. In general we use the measured mean number of real
 tokens entering every block, cost = mean_l(tokens_l / tokens_full), which
 reduces to that formula for a single drop (and accounts for compounding drops

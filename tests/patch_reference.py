@@ -5,14 +5,14 @@ model taken before ``drople_fast.apply``) one sample at a time, on exactly the
 tokens that sample still has -- no padding, no key-padding masks, no gather op.
 At every IWTD layer it materialises the layer's softmax attention from the
 block's own ``ln_1`` + packed ``in_proj`` (causal for text), scores it with
-``drople_fast.ops.reference.iwtd_from_attention`` (DESIGN §1 steps 1-6) and draws
+``drople_fast.ops.reference.iwtd_from_attention`` (docs/design.md §2 steps 1-6) and draws
 the Bernoulli mask itself from ``drople_fast.ops.philox.token_uniform`` at offset
 ``b * W + j``, where ``W`` is the width the *untrimmed* batched text tower
 would have at that layer (the longest sample, plus -- in the text tower until
 a "drop" compaction -- the padding tail after the longest EOS), so EOS
 trimming never changes a draw.
 
-Semantics replicated from the issue / patch docstrings:
+Semantics replicated from docs/design.md §7 and the patch docstrings:
 
 * layout ``[anchor-prefix, prompts, rest]``; a layer's prompts go in at
   position 1 and replace the previous layer's (whatever of them survived);
@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from drople_fast.clip.patch import text_tower
 from drople_fast.ops.philox import gumbel_seed, token_normal, token_uniform
 from drople_fast.ops.reference import iwtd_from_attention
 
@@ -254,14 +255,9 @@ def vision_reference(orig_model, images, cfg, bridge, hook, seed: Optional[int])
     return pooled, logs
 
 
-def _text_parts(orig_model):
-    text = getattr(orig_model, "text", None)
-    return text if text is not None and hasattr(text, "transformer") else orig_model
-
-
 def text_reference(orig_model, text: torch.Tensor, cfg, bridge, hook, seed: Optional[int], eos_trim: bool = True):
     """Pooled text features (B, E) and per-layer logs; argmax pooling (EOS = largest id)."""
-    owner = _text_parts(orig_model)
+    owner = text_tower(orig_model)
     B, L = text.shape
     eos = text.argmax(dim=-1)
     x = owner.token_embedding(text) + owner.positional_embedding[:L]

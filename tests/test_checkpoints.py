@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from drople_fast.training.pretrained import hf_to_open_clip, load_pretrained, open_clip_to_hf, save_hf_clip
+from drople_fast.training.pretrained import hf_to_open_clip, load_pretrained
+
+from hf_clip import open_clip_to_hf, save_hf_clip
 from drople_fast.training.tiny_clip import create_tiny_clip
 
 # Building the test archive traces a model with torch.jit (deprecated upstream, noisy).

@@ -84,6 +84,7 @@ def assert_same(a, b):
 
 
 @pytest.mark.skipif(not HAS_TRACE_AUTOGRAD, reason="this torch cannot trace .backward() inside a graph")
+@pytest.mark.slow
 def test_drop_fixed_image_training_step_fullgraph():
     model, trainable = make("drop_fixed", vision_layers=(0, 1), keep=0.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -126,6 +127,7 @@ def test_drop_fixed_image_forward_fullgraph_backward_outside():
     assert_same(compiled, eager)
 
 
+@pytest.mark.slow
 def test_drop_fixed_text_step_compiles():
     model, trainable = make("drop_fixed", "text", text_layers=(0, 1), keep=0.5)
     text = R.make_text([3, 9, 1], n_ctx=4)
@@ -144,6 +146,7 @@ def test_drop_fixed_text_step_compiles():
     assert_same(compiled, eager)
 
 
+@pytest.mark.slow
 def test_drop_compiles_and_matches_eager():
     """Data-dependent widths: graph breaks at the kept-count syncs are allowed (dynamic=None lets Dynamo
     mark sizes dynamic on recompiles; dynamic=True compiles the same thing ~3x slower here)."""

@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-import drople_fast as df
 from drople_fast.ops import library as ops
 
 from iwtd_harness import Case, assert_matches_reference, make_inputs, op_args

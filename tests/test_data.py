@@ -51,7 +51,7 @@ def test_split_json_layouts(tmp_path, name):
     dataset_dir, image_dir, _ = SPLIT_JSON_DATASETS[name]
     expected = os.path.join(str(tmp_path), dataset_dir, image_dir, split["train"][0][0])
     assert ds.train[0].path == expected and ds.train[0].label == 0 and ds.train[0].classname == "cat"
-    image, label = ds.torch_dataset("test")[2]
+    image, label = ImageDataset(ds.split("test"))[2]
     assert isinstance(image, torch.Tensor) and image.shape == (3, 8, 8) and label == 2
     assert image.mean().item() == pytest.approx(80 / 255, abs=0.01)  # bird images are value 80
 
@@ -87,7 +87,7 @@ def test_missing_root_split_image(tmp_path):
     # without the up-front check the error comes when the image is read
     ds = get_dataset("dtd", str(tmp_path), check_images=False)
     with pytest.raises(FileNotFoundError, match=str(victim)):
-        ds.torch_dataset("val")[1]
+        ImageDataset(ds.split("val"))[1]
 
 
 def test_invalid_json_and_bad_entries(tmp_path):
@@ -222,7 +222,7 @@ def test_synthetic_dataset(tmp_path):
     assert len(ds.train) + len(ds.val) + len(ds.test) == 300
     for split in (ds.train, ds.val, ds.test):  # every class in every split
         assert {r.label for r in split} == set(range(12))
-    x, y = ds.torch_dataset("train")[0]
+    x, y = ImageDataset(ds.split("train"))[0]
     assert x.shape == (3, 32, 32)
 
     # deterministic from the seed, different for another seed

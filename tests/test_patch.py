@@ -198,14 +198,12 @@ def test_eos_trim_exact_mode_off(custom_text, train):
 @pytest.mark.parametrize("mode, prompts", [("drop", False), ("perturb", True), ("drop", True), ("drop_fixed", True),
                                           ("perturb", False)])
 def test_eos_trim_exact_in_training_modes(mode, prompts):
-    """Issue 4: trimming is "on by default, in every mode, and identical output to the untrimmed tower".
+    """EOS trimming is on by default, in every mode, and gives the untrimmed tower's output.
 
-    The same seeds must give the same text features with and without the trim.
-    (Currently fails: the Philox offsets are b * S + j with S the *trimmed*
-    width, so the IWTD layers before the first compaction -- every layer in
-    "perturb" -- draw different masks/noise. In "drop" with deep prompts on
-    every IWTD layer the difference hides, since dropped prompts are replaced
-    anyway; without a prompt learner the words are eligible and it shows.)
+    The same seeds must give the same text features with and without the trim: the Philox offsets
+    are b * W + j with W the *untrimmed* width (row_stride, docs/design.md §4). With W the trimmed
+    width the IWTD layers before the first compaction -- every layer in "perturb" -- would draw
+    different masks/noise; without a prompt learner the words are eligible, so that would show.
     """
     model = tiny()
     df.apply(model, df.IWTDConfig(mode=mode, text_layers=range(9), sigma=0.5))

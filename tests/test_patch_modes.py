@@ -170,8 +170,6 @@ def test_backends_agree_in_the_patch():
 def test_drop_everything_then_more_iwtd_layers():
     """p_min = p_max = 1 drops every eligible token after layer 0, leaving CLS alone; the later IWTD layers
     must cope (nothing left to drop) instead of raising, and the result is CLS run alone through layers 1-11.
-
-    (Currently fails: the IWTD op refuses S = 1 with "IWTD needs at least 2 tokens" -- see report.)
     """
     model, orig, cfg, bridge, _ = setup("drop", vision_layers=(0, 1, 2), p_min=1.0, p_max=1.0)
     x = images(B=2)

@@ -1,4 +1,4 @@
-"""The reference backend against an independent transcription of DESIGN §1.
+"""The reference backend against an independent transcription of docs/design.md §2.
 
 ``transcribe`` below is written from the formulas alone, in float64, with
 explicit Python loops over samples, heads and tokens on a materialised
@@ -28,7 +28,7 @@ EPS = 1e-8
 
 
 def transcribe(q, k, hidden, eligible, valid, anchor, T, W, b_, causal, p_min, p_max, seed):
-    """DESIGN §1 steps 1-7 literally. Returns a dict of float64 / bool tensors (B, S)."""
+    """docs/design.md §2 steps 1-7 literally. Returns a dict of float64 / bool tensors (B, S)."""
     q, k, hidden, T, W, b_ = (t.detach().double() for t in (q, k, hidden, T, W, b_))
     B, H, S, Dh = q.shape
     if eligible.dim() == 1:

@@ -1,4 +1,4 @@
-"""The DroPLe release's recipe is the default (issue 9): every item pinned to the release file:line it mirrors.
+"""The DroPLe release's recipe is the default: every item pinned to the release file:line it mirrors.
 
 The release (MIT, /work/shared/release, cited as release/<file>:<line>) is never imported: where a test
 needs its behaviour, the few lines concerned are transcribed here, with the citation.
@@ -142,7 +142,7 @@ def test_bridge_initialisation_matches_release():
 
 
 def test_vit_b16_prompt_stds_are_the_releases():
-    # The issue's figures for ViT-B/16 widths (visual 768 x 4 tokens, text 512): std 0.0104 and 0.0255.
+    # The expected figures for ViT-B/16 widths (visual 768 x 4 tokens, text 512): std 0.0104 and 0.0255.
     assert abs(kaiming_bound(4 * 768) / math.sqrt(3) - 0.0104) < 1e-4
     assert abs(kaiming_bound(512) / math.sqrt(3) - 0.0255) < 1e-4
 

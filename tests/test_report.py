@@ -10,7 +10,6 @@ from drople_fast.training.report import (
     base_novel_table,
     find_runs,
     harmonic_mean,
-    main,
     metric_table,
     plot_accuracy_vs_throughput,
     throughput_points,
@@ -124,7 +123,9 @@ def test_write_report_and_plot(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
+    from drople_fast.training.cli import main
+
     _b2n(str(tmp_path / "r"), "DTD", 1, 80, 70)
-    main([str(tmp_path / "r"), str(tmp_path / "o")])
+    assert main(["report", str(tmp_path / "r"), str(tmp_path / "o")]) == 0
     assert "base2novel.md" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "o" / "base2novel.csv")

@@ -120,6 +120,7 @@ print(json.dumps([r.path for r in few_shot_split(ds, "train", 3, seed=2, cache_d
 """
 
 
+@pytest.mark.slow
 def test_same_shots_across_processes(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = SCRIPT.format(repo=repo)

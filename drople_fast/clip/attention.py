@@ -13,9 +13,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("sdpa", "xformers")
-
-
 def xformers_unavailable(device: torch.device) -> Optional[str]:
     """None if xformers' memory_efficient_attention can run on ``device``, else why not."""
     if importlib.util.find_spec("xformers") is None:
@@ -92,6 +89,12 @@ def qkv(block, x: torch.Tensor):
 def block_forward(block, x: torch.Tensor, mask: Optional[torch.Tensor], kernel: str = "sdpa",
                   return_qk: bool = False, rows: Optional[torch.Tensor] = None):
     """One open_clip ``ResidualAttentionBlock`` on (B, S, D); returns x or (x, q, k).
+
+    Mirrors open_clip 3.3.0 ``ResidualAttentionBlock.forward`` (self-attention: ``x + ls_1(attn(ln_1(x)))``,
+    then ``x + ls_2(mlp(ln_2(x)))``); differs in: q/k/v are projected with ``attn.in_proj_weight`` directly
+    (plus an attached adapter's term, see :func:`in_proj`) and attended by SDPA / xformers with a bool
+    mask instead of ``nn.MultiheadAttention`` with a float mask (same math; open_clip's attention has
+    no dropout), q and k can be handed back for IWTD, and ``rows`` (below) skips padded rows.
 
     ``rows``: flat indices (into B * S) of the real tokens of a padded batch. Every
     per-token layer (projections, MLP: most of the FLOPs) then runs on those rows

@@ -1,4 +1,4 @@
-"""The multimodal alignment ("bridge") module of DESIGN §1, shared by both towers."""
+"""The multimodal alignment ("bridge") module of docs/design.md §5, shared by both towers."""
 from __future__ import annotations
 
 import math

@@ -164,6 +164,8 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
 class DropleVisionTransformer:
     """Mixin over open_clip's VisionTransformer."""
 
+    # Mirrors open_clip 3.3.0 VisionTransformer.forward (_embeds, transformer, _pool, proj); differs in: the
+    # blocks run through _run_blocks (visual prompts after CLS, IWTD and token removal after the chosen layers).
     def forward(self, x: torch.Tensor):
         state = _state(self)
         hook = state.hook
@@ -195,7 +197,14 @@ def _eos_positions(text: torch.Tensor, pool_type: str, eos_id) -> torch.Tensor:
 
 
 def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str, eos_id) -> torch.Tensor:
-    """The text tower of ``owner`` (a CLIP or a TextTransformer) with prompts, IWTD and EOS trimming."""
+    """The text tower of ``owner`` (a CLIP or a TextTransformer) with prompts, IWTD and EOS trimming.
+
+    Mirrors open_clip 3.3.0 ``CLIP.encode_text`` / ``TextTransformer.forward`` (token + positional
+    embedding, causal transformer, ln_final, pool at the EOS / argmax token, text_projection); differs in:
+    the batch is cut after its last EOS (causal: the pooled tokens cannot see what follows), learned
+    context replaces positions 1..n_ctx, keys after each sample's EOS are masked as padding, IWTD may
+    remove tokens, and CoCa's class token and ``output_tokens`` are not supported.
+    """
     state = _state(owner)
     hook = state.hook
     cast_dtype = owner.transformer.get_cast_dtype()
@@ -264,6 +273,13 @@ def _patched_class(cls: type, mixin: type) -> type:
     return _PATCHED_CLASSES[key]
 
 
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module that owns the text transformer, token embedding and ln_final: ``model.text`` for
+    open_clip's CustomTextCLIP (a TextTransformer), ``model`` itself for the classic CLIP."""
+    text = getattr(model, "text", None)
+    return text if text is not None and hasattr(text, "token_embedding") else model
+
+
 def _towers(model: nn.Module):
     """(vision module, text owner, text mixin) after checking the model is a supported ViT CLIP."""
     from open_clip.transformer import TextTransformer, VisionTransformer
@@ -278,13 +294,13 @@ def _towers(model: nn.Module):
     if visual.attn_pool is not None or visual.pool_type != "tok":
         raise ValueError(f"{name}: only CLS-token pooling is supported, got pool_type={visual.pool_type!r}"
                          f"{' with an attention pooler' if visual.attn_pool is not None else ''}")
-    text = getattr(model, "text", None)
-    if isinstance(text, TextTransformer):
-        if text.cls_emb is not None:
+    owner = text_tower(model)
+    if isinstance(owner, TextTransformer):
+        if owner.cls_emb is not None:
             raise ValueError(f"{name}: text towers with a class token (CoCa) are not supported")
-        owner, mixin, pool = text, DropleTextTransformer, text.pool_type
-    elif hasattr(model, "transformer") and hasattr(model, "token_embedding"):
-        owner, mixin, pool = model, DropleCLIP, getattr(model, "text_pool_type", "argmax")
+        mixin, pool = DropleTextTransformer, owner.pool_type
+    elif owner is model and hasattr(model, "transformer") and hasattr(model, "token_embedding"):
+        mixin, pool = DropleCLIP, getattr(model, "text_pool_type", "argmax")
     else:
         raise ValueError(f"{name}: no supported open_clip text tower found")
     if pool not in ("argmax", "eos"):

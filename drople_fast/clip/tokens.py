@@ -82,8 +82,8 @@ class Tokens:
                            eligible=cut(self.eligible), anchor=anchor, num_prompts=0)
         return self.keep(self.valid & ~self.prompt, prompts_removed=True)
 
-    def with_prompts(self, prompts: torch.Tensor, eligible: bool = True) -> "Tokens":
-        """Insert (1 or B, n, D) prompts at position 1, replacing any prompts present."""
+    def with_prompts(self, prompts: torch.Tensor) -> "Tokens":
+        """Insert (1 or B, n, D) prompts at position 1, replacing any prompts present; they are eligible."""
         base = self.without_prompts()
         B, n = base.batch, prompts.shape[1]
         prompts = prompts.to(base.x.dtype).expand(B, -1, -1)
@@ -91,7 +91,7 @@ class Tokens:
         join = lambda t, mid: torch.cat([t[:, :1], mid, t[:, 1:]], dim=1)  # noqa: E731
         anchor = torch.where(base.anchor > 0, base.anchor + n, base.anchor)
         return replace(base, x=join(base.x, prompts), valid=join(base.valid, flag(True)),
-                       prompt=join(base.prompt, flag(True)), eligible=join(base.eligible, flag(eligible)),
+                       prompt=join(base.prompt, flag(True)), eligible=join(base.eligible, flag(True)),
                        anchor=anchor, num_prompts=n)
 
 

@@ -81,7 +81,7 @@ def iwtd(
     backend: Optional[str] = None,
     row_stride: int = 0,
 ) -> IWTDOutput:
-    """Importance-weighted token dropout for one layer (DESIGN §1).
+    """Importance-weighted token dropout for one layer (docs/design.md §2).
 
     ``q``, ``k``: (B, H, S, Dh) attention inputs of the layer; ``hidden``:
     (B, S, D) its output; ``eligible``: bool (B, S) or (S,); ``bridge_*``: the

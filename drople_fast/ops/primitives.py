@@ -36,7 +36,7 @@ def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
 def keep_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions moved to the front in original order, -1 after; and the counts.
 
-    A stable sort on ``~keep`` is the prefix-sum compaction of DESIGN §3.
+    A stable sort on ``~keep`` is the prefix-sum compaction of docs/design.md §3.
     """
     S = keep.shape[1]
     positions = torch.arange(S, device=keep.device).expand_as(keep)

@@ -1,6 +1,6 @@
 """Plain-PyTorch IWTD: the oracle every fast backend is tested against.
 
-It follows DESIGN §1 literally and materialises the (B, H, S, S) attention
+It follows docs/design.md §2 literally and materialises the (B, H, S, S) attention
 map. All arithmetic is float32 whatever the input dtype, as in the kernels.
 
 The computation is split in two so the open_clip integration can reuse the
@@ -57,7 +57,7 @@ def iwtd_from_attention(
     seed,
     row_stride: int = 0,
 ):
-    """DESIGN §1 steps 1-7 on an explicit attention map.
+    """docs/design.md §2 steps 1-7 on an explicit attention map.
 
     Returns ``(importance, drop_prob, drop_mask, keep_count, keep_order)`` with
     the dtypes and shapes of the fused backends.

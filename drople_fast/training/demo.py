@@ -26,10 +26,13 @@ import os
 import random
 import tempfile
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..clip.config import MODES
+from .report import to_markdown
 
 CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a drawing of a {}.")
 
@@ -99,11 +102,11 @@ def pretrain_tiny_clip(dataset_dir_root: str, out_path: str, steps: int = 200, b
 
 
 def format_table(metrics: Dict) -> str:
-    rows = [("Zero-shot CLIP (toy)", "zs_"), (f"DroPLe ({metrics['info']['mode']})", "")]
-    lines = [f"{'Method':<24}{'Base':>8}{'Novel':>8}{'HM':>8}"]
-    for name, prefix in rows:
-        lines.append(f"{name:<24}" + "".join(f"{metrics[prefix + k]:>8.2f}" for k in ("base_acc", "novel_acc", "hm")))
-    return "\n".join(lines)
+    """Markdown table of zero-shot toy CLIP vs DroPLe, base / novel / HM."""
+    keys = ("base_acc", "novel_acc", "hm")
+    rows = [[name] + [(metrics[prefix + k], None) for k in keys]
+            for name, prefix in (("Zero-shot CLIP (toy)", "zs_"), (f"DroPLe ({metrics['info']['mode']})", ""))]
+    return to_markdown(["Method", "Base", "Novel", "HM"], rows)
 
 
 def run_demo(out_dir: Optional[str] = None, mode: str = "drop", num_classes: int = 16, images_per_class: int = 40,
@@ -140,16 +143,9 @@ def run_demo(out_dir: Optional[str] = None, mode: str = "drop", num_classes: int
     return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="drople-fast demo", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return run_from_args(args)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for data, toy CLIP and run (default: a new temp folder)")
-    p.add_argument("--mode", default="drop", choices=("off", "perturb", "drop", "drop_fixed"))
+    p.add_argument("--mode", default="drop", choices=MODES)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=200)

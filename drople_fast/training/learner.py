@@ -1,4 +1,4 @@
-"""The DroPLe prompt learner over a patched open_clip ViT CLIP (DESIGN §1).
+"""The DroPLe prompt learner over a patched open_clip ViT CLIP (docs/design.md §8).
 
 :class:`DroPLe` owns the learnable parts and nothing else trains. Every
 default is the release's (README, "release vs drople_fast defaults"):
@@ -50,9 +50,10 @@ from torch import nn
 
 from ..clip.attention import ADAPTER_ATTR
 from ..clip.config import IWTDConfig
+from .data import DATASET_TEMPLATES
 from .jsonio import read_json
 from .losses import LossWeights, drople_loss
-from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook
+from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook, text_tower
 
 CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -68,24 +69,6 @@ LOGIT_SCALE_MAX = 4.605
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.1
 LORA_FIRST_LAYER = 6
 
-# CoOp's per-dataset templates (the teacher's first template).
-DATASET_TEMPLATES = {
-    "OxfordPets": "a photo of a {}, a type of pet.",
-    "Flowers102": "a photo of a {}, a type of flower.",
-    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-    "DTD": "{} texture.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a photo of {}, a type of food.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
-    "ImageNet": "a photo of a {}.",
-    "ImageNetV2": "a photo of a {}.",
-    "ImageNetSketch": "a photo of a {}.",
-    "ImageNetA": "a photo of a {}.",
-    "ImageNetR": "a photo of a {}.",
-}
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a bad photo of a {}.",
@@ -177,18 +160,9 @@ def attach_lora(attn: nn.Module, lora: LoRA) -> None:
     object.__setattr__(attn, ADAPTER_ATTR, lora)
 
 
-def detach_lora(attn: nn.Module) -> None:
-    attn.__dict__.pop(ADAPTER_ATTR, None)
-
-
 # --------------------------------------------------------------------------
 # the learner
 # --------------------------------------------------------------------------
-
-
-def _text_owner(model: nn.Module) -> nn.Module:
-    text = getattr(model, "text", None)
-    return text if text is not None and hasattr(text, "token_embedding") else model
 
 
 class DroPLe(nn.Module):
@@ -216,8 +190,7 @@ class DroPLe(nn.Module):
             apply(model, iwtd if iwtd is not None else IWTDConfig())
         self.clip = model
         self.loss_weights = loss_weights or LossWeights()
-        owner = _text_owner(model)
-        self._owner = [owner]  # not a submodule (it is model or model.text already)
+        owner = text_tower(model)
         self.context_length = int(owner.positional_embedding.shape[0])
         text_width = owner.token_embedding.weight.shape[1]
         vision_width = model.visual.transformer.width
@@ -330,9 +303,6 @@ class DroPLe(nn.Module):
                 m.enabled = True
             state.hook = hook
 
-    def clear_teacher_cache(self) -> None:
-        self._teacher_cache.clear()
-
     def teacher_text_features(self, classnames: Optional[Sequence[str]] = None) -> torch.Tensor:
         """(C, D) unit-normalised frozen-CLIP class features, averaged over templates and
         optional descriptions; computed once per class list."""
@@ -428,8 +398,3 @@ class DroPLe(nn.Module):
         with torch.no_grad():
             for n in expected:
                 own[n].copy_(saved[n])
-
-    def remove_lora(self) -> None:
-        """Detach LoRA from the attention modules (the CLIP is left exactly as before)."""
-        for i in list(self.lora.keys()):
-            detach_lora(self.clip.visual.transformer.resblocks[int(i)].attn)

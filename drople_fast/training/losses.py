@@ -1,4 +1,4 @@
-"""The DroPLe training loss (DESIGN §1), every weight configurable.
+"""The DroPLe training loss (docs/design.md §8), every weight configurable.
 
 total = ce·CE(logits, y)
       + text_l1·L1(Zᵈ_txt, Z°_txt) + image_l1·L1(Zᵈ_img, Z°_img)
@@ -116,7 +116,7 @@ def kl_to_frozen(logits: torch.Tensor, frozen_logits: torch.Tensor, temperature:
 
     i.e. Σ_{i,c} p°_ic (log p°_ic − log pᵈ_ic) / (B·C), with p° the frozen and
     pᵈ the prompted softmax. Note that, as written in PyTorch, this is
-    KL(frozen ‖ prompted) divided by B·C (not B); DESIGN's "KL(prompted ‖
+    KL(frozen ‖ prompted) divided by B·C (not B); the paper's "KL(prompted ‖
     frozen)" names the same release term. T = 1 by default.
 
     ``frozen_logits`` is not detached: its features carry no gradient, and the

@@ -1,4 +1,4 @@
-"""Evaluation protocols (DESIGN §2): which records train, which splits are evaluated.
+"""Evaluation protocols (docs/design.md §9): which records train, which splits are evaluated.
 
 Each protocol function returns a :class:`Plan`: the training classes and
 (few-shot, seeded, disk-cached) records, and a list of named evaluation
@@ -16,12 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .data import (DatasetSplits, Record, canonical_name, few_shot_split, get_dataset, long_tail_subsample,
+from .data import (CROSS_DATASET_TARGETS, DG_TARGETS, DatasetSplits, Record, canonical_name, few_shot_split, get_dataset, long_tail_subsample,
                    subsample_classes)
 
-CROSS_DATASET_TARGETS = ("Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
-                         "SUN397", "DTD", "EuroSAT", "UCF101")
-DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
 
 

@@ -22,7 +22,6 @@ HM of those two means.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -238,14 +237,3 @@ def write_report(run_root: str, out_dir: str) -> List[str]:
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Aggregate drople_fast run folders into tables and a plot.")
-    p.add_argument("runs", help="folder searched recursively for metrics.json")
-    p.add_argument("out", help="output folder")
-    args = p.parse_args(argv)
-    for path in write_report(args.runs, args.out):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -42,6 +42,7 @@ from .jsonio import read_json
 from .losses import LossWeights
 from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
+from .report import to_markdown
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "drople_fast-checkpoint-v1"
@@ -331,12 +332,9 @@ def results_table(plan: Plan, metrics: Dict, zero_shot: Dict) -> str:
     """Markdown table of zero-shot CLIP vs DroPLe on the plan's metrics."""
     keys = [s.name for s in plan.evals] + (["hm"] if plan.protocol == "base2novel" else [])
     label = {"base_acc": "Base", "novel_acc": "Novel", "hm": "HM", "acc": plan.dataset}
-    head = [label.get(k, k.replace("acc_", "")) for k in keys]
-    lines = [f"| Method | {' | '.join(head)} |", "|---" * (len(keys) + 1) + "|"]
-    for name, m in (("Zero-shot CLIP", zero_shot), (f"DroPLe ({metrics.get('_mode', '')})".replace(" ()", ""),
-                                                   metrics)):
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    head = ["Method"] + [label.get(k, k.replace("acc_", "")) for k in keys]
+    methods = (("Zero-shot CLIP", zero_shot), (f"DroPLe ({metrics.get('_mode', '')})".replace(" ()", ""), metrics))
+    return to_markdown(head, [[name] + [(m[k], None) for k in keys] for name, m in methods])
 
 
 def final_metrics(cfg: TrainConfig, plan: Plan, accs: Dict, zs: Dict, info: Dict) -> Dict:

@@ -1,4 +1,4 @@
-"""Fused IWTD step in one Triton launch (DESIGN §3, "One fused kernel").
+"""Fused IWTD step in one Triton launch (docs/design.md §3).
 
 ``iwtd_triton_op`` is the ``drople_fast::iwtd_triton`` custom op with the
 fused signature of :mod:`drople_fast.ops.backends`; its semantics are exactly
@@ -26,7 +26,7 @@ C. s3: bridge logits ``folded @ h^T + shift`` (M x S, float32 ``tl.dot`` over
    token, the logits parked in the scratch buffer; then s3 = max_m G[m, j];
 D. the per-token epilogue on (BLOCK_S,) register vectors, BLOCK_S = next power
    of two >= S: masks, normalisation by the sums over C, I, min-max, p, the
-   Philox draw ``tl.rand(seed, b * S + j)``, the drop mask, the keep count and
+   Philox draw ``tl.rand(seed, b * row_stride + j)`` (docs/design.md §4), the drop mask, the keep count and
    the keep order (an inclusive ``tl.cumsum`` of the keep mask gives each kept
    token its slot; positions >= count get -1; the two stores hit disjoint
    addresses, so no barrier is needed between them).
@@ -61,7 +61,7 @@ Expected cost on an H200 (not yet measured)
 -------------------------------------------
 Per sample and layer (ViT-B/16: S=201, H=12, Dh=64, M=64, D=768): stage B is
 ~2 * 256^2 * 64 * 12 ~ 100 MFLOP of padded bf16 tensor-core dot (about half an
-attention forward, as DESIGN §3 says), stage C ~ 2 * 64 * 256 * 768 ~ 25 MFLOP
+attention forward, as docs/design.md §3 says), stage C ~ 2 * 64 * 256 * 768 ~ 25 MFLOP
 of fp32 FMA dot, A and D are O(H * S * Dh) and O(S). One SM therefore needs
 roughly 15-30 us for stage B and ~50 us for stage C, so a layer costs about
 50-100 us whatever the batch as long as B <= 132 (one program per SM); with the

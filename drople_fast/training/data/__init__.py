@@ -1,5 +1,8 @@
 """Datasets in the CoOp layout, few-shot sampling, transforms and synthetic data."""
 from .datasets import (
+    CROSS_DATASET_TARGETS,
+    DATASET_TEMPLATES,
+    DG_TARGETS,
     DatasetSplits,
     ImageDataset,
     Record,
@@ -21,6 +24,9 @@ from .synthetic import write_synthetic_coop_dataset
 from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
 __all__ = [
+    "CROSS_DATASET_TARGETS",
+    "DATASET_TEMPLATES",
+    "DG_TARGETS",
     "DatasetSplits",
     "ImageDataset",
     "Record",

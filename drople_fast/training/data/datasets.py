@@ -3,7 +3,9 @@
 Every reader returns a :class:`DatasetSplits`: ``classnames`` (index = label)
 and ``train`` / ``val`` / ``test`` lists of :class:`Record` (absolute image
 path, label, classname). :class:`ImageDataset` turns a list of records into a
-torch dataset whose items are ``(image tensor, label)``.
+torch dataset whose items are ``(image tensor, label)``. Everything this project knows per dataset
+lives in this module: folders, readers, name aliases, the teacher's CoOp template and the
+transfer protocols' target lists.
 
 Expected layouts, all under one dataset root ``<root>`` (as in CoOp's
 ``DATASETS.md`` and ``datasets/*.py``)::
@@ -92,9 +94,6 @@ class DatasetSplits:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {list(SPLITS)}")
         return getattr(self, name)
-
-    def torch_dataset(self, split: str, transform: Optional[Callable] = None) -> "ImageDataset":
-        return ImageDataset(self.split(split), transform)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -425,6 +424,30 @@ OTHER_READERS: Dict[str, Callable[[str], DatasetSplits]] = {
     "ImageNetA": read_imagenet_a,
     "ImageNetR": read_imagenet_r,
 }
+
+# CoOp's per-dataset class template (the teacher's first template; CoOp's datasets/*.py).
+DATASET_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "Flowers102": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
+    "DTD": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.",
+    "ImageNetSketch": "a photo of a {}.",
+    "ImageNetA": "a photo of a {}.",
+    "ImageNetR": "a photo of a {}.",
+}
+
+# The paper's transfer protocols: train on ImageNet, evaluate on these (cross-dataset / domain generalisation).
+CROSS_DATASET_TARGETS = ("Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
+                         "SUN397", "DTD", "EuroSAT", "UCF101")
+DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
 # Extra spellings (CoOp class names, folder names) -> canonical name.
 _ALIASES = {

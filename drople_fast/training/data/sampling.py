@@ -5,7 +5,7 @@ Every random choice uses its own ``random.Random(seed)`` over records sorted
 by (label, path), never a global RNG, so seed s picks the same images on any
 machine (all records of a dataset share the image folder prefix, so sorting
 absolute paths equals sorting the relative ones). The release's unseeded
-sampling is one of the faults DESIGN asks us not to copy.
+sampling is a fault not to copy (docs/design.md §9).
 """
 from __future__ import annotations
 
