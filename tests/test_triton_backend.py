@@ -46,6 +46,12 @@ def test_kernels_package_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+@pytest.mark.parametrize("B,H,S", [(1, 12, 50), (5, 12, 7)])
+def test_twelve_heads(B, H, S):
+    # ViT-B/16's head count (the matrix's Triton shapes have at most 3 heads to keep the interpreter fast).
+    _check(Case(B, H, S), generator_seed=B * 1000 + S)
+
+
 def test_vit_sized_sample():
     # S = 201 (197 ViT-B/16 tokens + 4 visual prompts) with real head/bridge widths.
     _check(Case(1, 1, 201, Dh=64, D=96, M=64), generator_seed=1)
