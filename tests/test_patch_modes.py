@@ -32,34 +32,37 @@ def rel_err(a, b) -> float:
 
 
 class Recorder:
-    """Records, per IWTD step of the patched model, the token layout going in and the IWTD output."""
+    """Records, per IWTD step of the patched model, the token layout going in and the IWTD output
+    (through the public step observer)."""
 
-    def __init__(self, monkeypatch, inject: bool = False):
+    def __init__(self, model, inject: bool = False):
         self.calls = []
-        step, op = patch._iwtd_step, patch.iwtd
 
-        def recording_step(state, tokens, q, k, tower, layer, *args, **kwargs):
-            rec = dict(tower=tower, layer=layer, width=tokens.length, valid=tokens.valid.clone(),
-                       prompt=tokens.prompt.clone(), replace_next=args[-1] if args else kwargs["replace_next"])
+        def observe(record):
+            tokens = record.tokens
+            call = _Call(tower=record.tower, layer=record.layer, width=tokens.length, valid=tokens.valid.clone(),
+                         prompt=tokens.prompt.clone(), replace_next=record.replace_next, record=record)
             if inject:  # a zero we can take the gradient of, at this layer's output positions
-                rec["z"] = torch.zeros_like(tokens.x, requires_grad=True)
-                tokens.x = tokens.x + rec["z"]
-            self.calls.append(rec)
-            return step(state, tokens, q, k, tower, layer, *args, **kwargs)
+                call["z"] = torch.zeros_like(tokens.x, requires_grad=True)
+                tokens.x = tokens.x + call["z"]
+            self.calls.append(call)
 
-        def recording_op(*args, **kwargs):
-            out = op(*args, **kwargs)
-            self.calls[-1]["out"] = out
-            return out
-
-        monkeypatch.setattr(patch, "_iwtd_step", recording_step)
-        monkeypatch.setattr(patch, "iwtd", recording_op)
+        patch.set_step_observer(model, observe)
 
     def tower(self, name):
         return [c for c in self.calls if c["tower"] == name]
 
     def clear(self):
         self.calls.clear()
+
+
+class _Call(dict):
+    """One recorded step; ``call["out"]`` is the step's IWTDOutput once the operator has run."""
+
+    def __missing__(self, key):
+        if key == "out" and self["record"].out is not None:
+            return self["record"].out
+        raise KeyError(key)
 
 
 def check_against_log(calls, logs, tol_prob=PROB_TOL):
@@ -105,9 +108,9 @@ DEEP = dict(vision_layers=range(7), text_layers=range(9), n_vision=2, n_text=4)
 
 @pytest.mark.parametrize("mode", ["perturb", "drop", "drop_fixed"])
 @pytest.mark.parametrize("prompts", [False, True], ids=["no-prompts", "deep-prompts"])
-def test_vision_matches_per_sample_reference(monkeypatch, mode, prompts):
+def test_vision_matches_per_sample_reference(mode, prompts):
     model, orig, cfg, bridge, hook = setup(mode, hook_kwargs=DEEP if prompts else None, sigma=0.5)
-    rec = Recorder(monkeypatch)
+    rec = Recorder(model)
     counter = R.ReferenceCounter()
     for step in range(2):  # the second forward checks the seed schedule advances like the reference's
         x = images(seed=step)
@@ -137,12 +140,12 @@ TEXT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(TEXT_CASES))
-def test_text_matches_per_sample_reference(monkeypatch, case):
+def test_text_matches_per_sample_reference(case):
     mode, custom, hook_kwargs, trim = TEXT_CASES[case]
     model, orig, cfg, bridge, hook = setup(mode, custom_text=custom, hook_kwargs=hook_kwargs, sigma=0.5,
                                            eos_trim=trim)
     n_ctx = 4 if hook_kwargs else 0
-    rec = Recorder(monkeypatch)
+    rec = Recorder(model)
     counter = R.ReferenceCounter()
     for step, lengths in enumerate([[3, 11, 1, 6], [8, 2, 20, 5]]):
         text = R.make_text(lengths, n_ctx=n_ctx, seed=step)
@@ -184,12 +187,12 @@ def test_drop_everything_then_more_iwtd_layers():
 # --------------------------------------------------------------------------
 
 
-def test_deep_prompts_resupplied_after_drop_both_towers(monkeypatch):
+def test_deep_prompts_resupplied_after_drop_both_towers():
     """Prompts of different counts per layer; every prompted layer sees exactly its own prompts at 1..n."""
     counts_v, counts_t = [2, 3, 1, 2, 4, 2, 3], [4, 2, 3, 1, 4, 2, 3, 2, 1]
     hook_kwargs = dict(vision_layers=range(7), text_layers=range(9), n_vision=counts_v, n_text=counts_t)
     model, orig, cfg, bridge, hook = setup("drop", hook_kwargs=hook_kwargs, p_min=0.4, p_max=0.9)
-    rec = Recorder(monkeypatch)
+    rec = Recorder(model)
     counter = R.ReferenceCounter()
     x = images(B=4)
     got = model.encode_image(x)
@@ -284,12 +287,12 @@ def test_drop_gradients_match_reference(tower):
 
 
 @pytest.mark.parametrize("tower", ["vision", "text"])
-def test_dropped_positions_get_no_gradient(monkeypatch, tower):
+def test_dropped_positions_get_no_gradient(tower):
     """Gradient w.r.t. an IWTD layer's output: zero exactly at dropped (and replaced-prompt) positions."""
     hook_kwargs = dict(vision_layers=(0, 1, 2), text_layers=(0, 1, 2), n_vision=2, n_text=4)
     model, orig, cfg, bridge, hook = setup("drop", hook_kwargs=hook_kwargs, vision_layers=range(6),
                                            text_layers=range(9))
-    rec = Recorder(monkeypatch, inject=True)
+    rec = Recorder(model, inject=True)
     if tower == "vision":
         out = model.encode_image(images(B=4))
     else:
@@ -313,7 +316,7 @@ def test_dropped_positions_get_no_gradient(monkeypatch, tower):
 
 
 @pytest.mark.parametrize("tower", ["vision", "text"])
-def test_drop_counts_match_drop_prob(monkeypatch, tower):
+def test_drop_counts_match_drop_prob(tower):
     """Per layer, the number of dropped tokens D over N forwards satisfies |D - sum p| <= 4.5 sqrt(sum p(1-p)).
 
     (Bernoulli sum, normal approximation; deterministic seeds, so no flakiness.
@@ -322,7 +325,7 @@ def test_drop_counts_match_drop_prob(monkeypatch, tower):
     model = create_tiny_clip()
     df.apply(model, df.IWTDConfig(mode="drop", vision_layers=range(6), text_layers=range(9)))
     model.train()
-    rec = Recorder(monkeypatch)
+    rec = Recorder(model)
     with torch.no_grad():
         for step in range(6):
             if tower == "vision":
@@ -351,10 +354,10 @@ def test_drop_counts_match_drop_prob(monkeypatch, tower):
             assert b["width"] == int(before.max())
 
 
-def test_drop_fixed_budget_and_static_shapes(monkeypatch):
+def test_drop_fixed_budget_and_static_shapes():
     hook_kwargs = dict(vision_layers=range(5), text_layers=(), n_vision=2)
     model, *_ = setup("drop_fixed", hook_kwargs=hook_kwargs, vision_layers=(0, 3, 6), keep=0.5)
-    rec = Recorder(monkeypatch)
+    rec = Recorder(model)
     model.encode_image(images(B=4))
     calls = rec.tower("vision")
     # layer 0: CLS + 2 prompts + 16 patches = 19; the replaced prompts go, 8 of 16 patches stay, 2 new prompts

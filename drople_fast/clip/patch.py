@@ -14,6 +14,7 @@ forward's bridge features) lives on the model's own :class:`PatchState`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -47,6 +48,17 @@ class PromptHook(Protocol):
     def text_prompts(self, layer: int, batch: int) -> Optional[torch.Tensor]: ...
 
 
+@dataclass
+class StepRecord:
+    """What one IWTD step of a training forward saw and produced (see :func:`set_step_observer`)."""
+
+    tower: str
+    layer: int
+    tokens: Tokens  # the block's output going into the step
+    replace_next: bool  # the next layer supplies new prompts, so this step removes the current ones
+    out: Optional[IWTDOutput] = None  # set once the operator has run; stays None if there was nothing to score
+
+
 class PatchState:
     def __init__(self, config: IWTDConfig, bridge: BridgeModule, originals: list):
         self.config = config
@@ -58,6 +70,7 @@ class PatchState:
         self.features: dict[str, dict] = {t: {} for t in TOWERS}
         self.counters = {t: torch.zeros((), dtype=torch.int64) for t in TOWERS}
         self.state_hooks: list = []
+        self.step_observer: Optional[Callable[[StepRecord], None]] = None
 
     def next_seed(self, tower: str, device) -> torch.Tensor:
         """The (1,) int64 step key of this tower's next training forward (:func:`seeds.step_key`)."""
@@ -81,6 +94,10 @@ def _state(module) -> PatchState:
 def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, seed, causal: bool,
                replace_next: bool) -> Tokens:
     cfg = state.config
+    record = None
+    if state.step_observer is not None:
+        record = StepRecord(tower, layer, tokens, replace_next)
+        state.step_observer(record)
     if tokens.length < 2:  # everything but the anchor is gone: nothing left to score or drop
         return tokens
     bridge_tokens, weight, bias = state.bridge.params_for(tower)
@@ -89,6 +106,8 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
                valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
                seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride)
     state.features[tower][layer] = out  # bridge features are computed when bridge_features() asks
+    if record is not None:
+        record.out = out
     if cfg.mode == "perturb":
         noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length,
                              row_stride=tokens.row_stride).to(tokens.x.dtype)
@@ -388,6 +407,14 @@ def get_state(model: nn.Module) -> PatchState:
 def set_prompt_hook(model: nn.Module, hook: Optional[PromptHook]) -> None:
     """Install the object that supplies per-layer prompt tokens (None removes it)."""
     _state(model).hook = hook
+
+
+def set_step_observer(model: nn.Module, observer: Optional[Callable[[StepRecord], None]]) -> None:
+    """Call ``observer(record)`` at the start of every IWTD step of the model's training forwards, for tests
+    and diagnostics (None removes it). ``record.out`` is filled in once the operator has run. The observer
+    may replace ``record.tokens.x`` by an equal tensor (e.g. ``x + zero`` to take gradients there); any
+    other change alters the forward."""
+    _state(model).step_observer = observer
 
 
 def bridge_features(model: nn.Module) -> dict[str, dict[int, torch.Tensor]]:
