@@ -64,6 +64,31 @@ def _seed_tensor(seed: Union[int, torch.Tensor], device: torch.device) -> torch.
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
+def nonfinite_samples(q, k, hidden, valid, folded, shift) -> torch.Tensor:
+    """(B,) bool: samples with a NaN/inf in q, k or hidden at a valid token, or any in the bridge.
+
+    Detected from per-token float32 sums (a NaN or inf anywhere makes its sum non-finite; so does a
+    finite value so large that the sum overflows, which would overflow the attention logits anyway).
+    Device-side only: no host synchronisation.
+    """
+    per_token = (q.sum(dim=(1, 3), dtype=torch.float32) + k.sum(dim=(1, 3), dtype=torch.float32)
+                 + hidden.sum(dim=2, dtype=torch.float32))
+    bridge = folded.sum(dtype=torch.float32) + shift.sum(dtype=torch.float32)
+    return (~torch.isfinite(per_token) & valid).any(dim=1) | ~torch.isfinite(bridge)
+
+
+def _nonfinite_rule(bad, valid, importance, drop_prob, drop_mask, keep_count, keep_order_):
+    """THE behaviour for non-finite input, the same whatever the backend computed: a sample with a
+    non-finite input is left untouched (importance 0, drop probability 0, nothing dropped, every
+    valid token kept). Its forward is non-finite anyway; the trainer stops on the non-finite loss."""
+    rows = bad[:, None]
+    all_order, all_count = keep_order(valid)
+    zero = torch.zeros((), dtype=importance.dtype, device=importance.device)
+    return (torch.where(rows, zero, importance), torch.where(rows, zero, drop_prob), drop_mask & ~rows,
+            torch.where(bad, all_count.to(keep_count.dtype), keep_count),
+            torch.where(rows, all_order.to(keep_order_.dtype), keep_order_))
+
+
 def iwtd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,7 +118,10 @@ def iwtd(
     untrimmed width so EOS trimming does not change the draws).
 
     The mask is drawn with Philox at offset ``b * row_stride + j``, so every backend
-    returns the same ``drop_mask`` for the same seed. ``bridge_features`` is
+    returns the same ``drop_mask`` for the same seed. A sample with a NaN or inf in
+    ``q``, ``k`` or ``hidden`` (at a valid token) or in the bridge is left untouched
+    on every backend: nothing dropped, probabilities and importance 0
+    (:func:`nonfinite_samples`; checked on the device, no host sync). ``bridge_features`` is
     computed when read, differentiable with respect to the hidden states and
     the bridge module.
     """
@@ -117,6 +145,9 @@ def iwtd(
             eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
             bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device), int(row_stride),
         )
+        importance, drop_prob, drop_mask, keep_count, keep_order = _nonfinite_rule(
+            nonfinite_samples(q, k, hidden, valid, folded, shift), valid,
+            importance, drop_prob, drop_mask, keep_count, keep_order)
     content = valid & (torch.arange(S, device=device)[None, :] != anchor[:, None])
     return IWTDOutput(importance, drop_prob, drop_mask, keep_count, keep_order, valid, eligible & content,
                       (hidden, bridge_tokens, bridge_weight, bridge_bias))
@@ -140,6 +171,9 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
     own stream), so shapes are static for torch.compile and CUDA graphs.
     Positions are returned in original order; -1 where a sample has too few tokens.
     """
+    for name, value in (("keep", keep), ("num_always", num_always)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     B, S = out.drop_prob.shape
     width = keep + num_always
     if not 0 <= width <= S:

@@ -43,12 +43,17 @@ def check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge
             raise ValueError(f"{name} must have {rank} dimensions, got shape {_shape(named[name])}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape (B, H, S, Dh), got {_shape(q)} and {_shape(k)}")
-    B, _, S, _ = q.shape
+    B, H, S, Dh = q.shape
     if hidden.shape[:2] != (B, S):
         raise ValueError(f"hidden must be (B, S, D) = ({B}, {S}, D) to match q {_shape(q)}, got {_shape(hidden)}")
     if S < 2:
         raise ValueError(f"IWTD needs at least 2 tokens (an anchor and content), got S={S} from q {_shape(q)}")
     M, P = bridge_tokens.shape
+    # Empty dimensions make every score 0/0: refuse them by name rather than return NaN or garbage.
+    for name, size, what in (("q", H, "H (heads)"), ("q", Dh, "Dh (head width)"), ("hidden", hidden.shape[2], "D"),
+                             ("bridge_tokens", M, "M (bridge tokens)"), ("bridge_tokens", P, "P (bridge width)")):
+        if size == 0:
+            raise ValueError(f"{name} has {what} = 0 (shape {_shape(named[name])}); IWTD needs a non-empty {what}")
     if bridge_weight.shape != (P, hidden.shape[2]):
         raise ValueError(f"bridge_weight must be (P, D) = ({P}, {hidden.shape[2]}) to match bridge_tokens "
                          f"{_shape(bridge_tokens)} and hidden {_shape(hidden)}, got {_shape(bridge_weight)}")
