@@ -233,7 +233,7 @@ IMAGE_CASES = {
     "off": dict(mode="off"),
     "perturb": dict(mode="perturb", vision_layers=range(6)),
     "drop": dict(mode="drop", vision_layers=range(6)),
-    "drop_fixed": dict(mode="drop_fixed", vision_layers=[0], keep=0.5),
+    "drop_fixed": dict(mode="drop_fixed", vision_layers=[0], keep_ratio=0.5),
     "patchdropout": "patchdropout",
 }
 

@@ -370,12 +370,24 @@ def test_config_defaults_are_release_defaults():
     (dict(p_max=2.0), "p_max"),
     (dict(p_min=0.6, p_max=0.5), "p_min"),
     (dict(sigma=-0.01), "sigma"),
-    (dict(mode="drop_fixed", keep=None), "keep"),
-    (dict(mode="drop_fixed", keep=0), "keep"),
-    (dict(mode="drop_fixed", keep=-3), "keep"),
-    (dict(mode="drop_fixed", keep=1.5), "keep"),
-    (dict(bridge_tokens=0), "bridge"),
-    (dict(bridge_dim=0), "bridge"),
+    (dict(sigma=float("nan")), "sigma"),
+    (dict(sigma=float("inf")), "sigma"),
+    (dict(mode="drop_fixed", keep_tokens=0), "keep_tokens"),
+    (dict(mode="drop_fixed", keep_tokens=-3), "keep_tokens"),
+    (dict(mode="drop_fixed", keep_tokens=2.0), "keep_tokens"),
+    (dict(mode="drop_fixed", keep_ratio=1.5), "keep_ratio"),
+    (dict(mode="drop_fixed", keep_ratio=0.0), "keep_ratio"),
+    (dict(mode="drop_fixed", keep_ratio=True), "keep_ratio"),
+    (dict(mode="drop_fixed", keep_ratio=0.5, keep_tokens=3), "not both"),
+    (dict(mode="drop", keep_ratio=0.5), "only applies to mode='drop_fixed'"),
+    (dict(mode="perturb", keep_tokens=4), "only applies to mode='drop_fixed'"),
+    (dict(backend="bogus"), "backend"),
+    (dict(bridge_tokens=0), "bridge_tokens"),
+    (dict(bridge_tokens=1.5), "bridge_tokens"),
+    (dict(bridge_dim=0), "bridge_dim"),
+    (dict(vision_layers=[0, 1.5]), "vision_layers"),
+    (dict(text_layers=[2, 2]), "duplicate"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_config_invalid_values(kwargs, fragment):
     with pytest.raises(ValueError) as info:
@@ -384,12 +396,16 @@ def test_config_invalid_values(kwargs, fragment):
 
 
 def test_config_valid_values_and_keep_count():
-    c = df.IWTDConfig(mode="drop_fixed", keep=0.5, vision_layers=[0, 2], text_layers=range(3))
+    c = df.IWTDConfig(mode="drop_fixed", keep_ratio=0.5, vision_layers=[0, 2], text_layers=range(3))
     assert c.vision_layers == (0, 2) and c.text_layers == (0, 1, 2)
     assert c.keep_count(196) == 98
     assert c.keep_count(1) == 1
-    assert df.IWTDConfig(mode="drop_fixed", keep=10).keep_count(4) == 4
-    assert df.IWTDConfig(mode="drop_fixed", keep=10).keep_count(40) == 10
+    assert df.IWTDConfig(mode="drop_fixed").keep_count(196) == 98  # keep_ratio 0.5 when neither is given
+    assert df.IWTDConfig(mode="drop_fixed", keep_tokens=10).keep_count(4) == 4
+    assert df.IWTDConfig(mode="drop_fixed", keep_tokens=10).keep_count(40) == 10
+    # the old overloaded keep: 1 (a count) and 1.0 (everything) meant opposite things
+    assert df.IWTDConfig(mode="drop_fixed", keep_tokens=1).keep_count(40) == 1
+    assert df.IWTDConfig(mode="drop_fixed", keep_ratio=1.0).keep_count(40) == 40
     for mode in ("off", "perturb", "drop", "drop_fixed"):
         df.IWTDConfig(mode=mode)
 

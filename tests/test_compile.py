@@ -86,7 +86,7 @@ def assert_same(a, b):
 @pytest.mark.skipif(not HAS_TRACE_AUTOGRAD, reason="this torch cannot trace .backward() inside a graph")
 @pytest.mark.slow
 def test_drop_fixed_image_training_step_fullgraph():
-    model, trainable = make("drop_fixed", vision_layers=(0, 1), keep=0.5)
+    model, trainable = make("drop_fixed", vision_layers=(0, 1), keep_ratio=0.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     saved = df.patch_state_dict(model)
     eager = run(image_step(model), images, model, trainable, saved)
@@ -107,7 +107,7 @@ def test_drop_fixed_image_training_step_fullgraph():
 @pytest.mark.skipif(HAS_TRACE_AUTOGRAD, reason="covered by the one-graph step test above")
 def test_drop_fixed_image_forward_fullgraph_backward_outside():
     """The portable form (any torch): forward + loss as one graph, AOTAutograd's backward graph after it."""
-    model, trainable = make("drop_fixed", vision_layers=(0, 1), keep=0.5)
+    model, trainable = make("drop_fixed", vision_layers=(0, 1), keep_ratio=0.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     def forward(x):
         out = model.encode_image(x)
@@ -129,7 +129,7 @@ def test_drop_fixed_image_forward_fullgraph_backward_outside():
 
 @pytest.mark.slow
 def test_drop_fixed_text_step_compiles():
-    model, trainable = make("drop_fixed", "text", text_layers=(0, 1), keep=0.5)
+    model, trainable = make("drop_fixed", "text", text_layers=(0, 1), keep_ratio=0.5)
     text = R.make_text([3, 9, 1], n_ctx=4)
     def step(t):
         out = model.encode_text(t)

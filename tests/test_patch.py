@@ -294,7 +294,7 @@ def test_xformers_on_cpu_refused_with_reason():
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(mode="dropout"), "mode"),
     (dict(attention="flash"), "attention"),
-    (dict(mode="drop_fixed", keep=0), "keep"),
+    (dict(mode="drop_fixed", keep_tokens=0), "keep_tokens"),
     (dict(p_min=0.6, p_max=0.5), "p_"),
 ])
 def test_bad_config(kwargs, fragment):

@@ -356,7 +356,7 @@ def test_drop_counts_match_drop_prob(tower):
 
 def test_drop_fixed_budget_and_static_shapes():
     hook_kwargs = dict(vision_layers=range(5), text_layers=(), n_vision=2)
-    model, *_ = setup("drop_fixed", hook_kwargs=hook_kwargs, vision_layers=(0, 3, 6), keep=0.5)
+    model, *_ = setup("drop_fixed", hook_kwargs=hook_kwargs, vision_layers=(0, 3, 6), keep_ratio=0.5)
     rec = Recorder(model)
     model.encode_image(images(B=4))
     calls = rec.tower("vision")
