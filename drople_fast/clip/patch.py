@@ -72,6 +72,12 @@ class PatchState:
         self.state_hooks: list = []
         self.step_observer: Optional[Callable[[StepRecord], None]] = None
 
+    def __getstate__(self):
+        # The last forward's features are transient (and hold autograd graphs): not saved, not copied.
+        state = dict(self.__dict__)
+        state["features"] = {t: {} for t in TOWERS}
+        return state
+
     def next_seed(self, tower: str, device) -> torch.Tensor:
         """The (1,) int64 step key of this tower's next training forward (:func:`seeds.step_key`)."""
         counter = self.counters[tower]
@@ -180,7 +186,23 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
 # --------------------------------------------------------------------------
 
 
-class DropleVisionTransformer:
+def _rebuild_patched(original: type, mixin: type):
+    """Unpickling: an empty instance of the patched class of ``original`` (recreated if needed)."""
+    cls = _patched_class(original, mixin)
+    return cls.__new__(cls)
+
+
+class _PicklablePatch:
+    """Patched classes are made at run time, so pickle cannot name them: pickle the original class
+    and the mixin instead (``torch.save(model)`` and ``copy.deepcopy`` of a patched model work)."""
+
+    def __reduce_ex__(self, protocol):
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        return (_rebuild_patched, (cls._drople_original, cls._drople_mixin)) + tuple(reduced[2:])
+
+
+class DropleVisionTransformer(_PicklablePatch):
     """Mixin over open_clip's VisionTransformer."""
 
     # Mirrors open_clip 3.3.0 VisionTransformer.forward (_embeds, transformer, _pool, proj); differs in: the
@@ -260,7 +282,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     return pooled
 
 
-class DropleTextTransformer:
+class DropleTextTransformer(_PicklablePatch):
     """Mixin over open_clip's TextTransformer (CustomTextCLIP.text)."""
 
     def forward(self, text):
@@ -270,7 +292,7 @@ class DropleTextTransformer:
         return pooled
 
 
-class DropleCLIP:
+class DropleCLIP(_PicklablePatch):
     """Mixin over open_clip's CLIP, whose text tower lives on the model itself."""
 
     def encode_text(self, text, normalize: bool = False):
@@ -288,7 +310,8 @@ _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
 def _patched_class(cls: type, mixin: type) -> type:
     key = (cls, mixin)
     if key not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[key] = type(f"Drople{cls.__name__}", (mixin, cls), {"_drople_original": cls})
+        _PATCHED_CLASSES[key] = type(f"Drople{cls.__name__}", (mixin, cls),
+                                     {"_drople_original": cls, "_drople_mixin": mixin})
     return _PATCHED_CLASSES[key]
 
 
@@ -438,7 +461,17 @@ def patch_state_dict(model: nn.Module) -> dict:
 
 
 def load_patch_state_dict(model: nn.Module, saved: dict) -> None:
+    """Restore what :func:`patch_state_dict` saved; a malformed dict is a ValueError naming what is wrong."""
     state = _state(model)
+    if not isinstance(saved, dict):
+        raise ValueError(f"a patch state dict must be a dict, got {type(saved).__name__}")
+    missing = [k for k in ("bridge", "counters") if k not in saved]
+    if missing:
+        raise ValueError(f"patch state dict lacks {missing} (save it with drople_fast.patch_state_dict)")
+    counters = saved["counters"]
+    if not isinstance(counters, dict) or set(counters) != set(TOWERS) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counters.values()):
+        raise ValueError(f"patch state dict counters must map {TOWERS} to ints >= 0, got {counters!r}")
     state.bridge.load_state_dict(saved["bridge"])
-    for tower, value in saved["counters"].items():
+    for tower, value in counters.items():
         state.counters[tower].fill_(value)
