@@ -1,10 +1,11 @@
 """The ``drople-fast`` console script: train, eval, launch, report, demo, info.
 
-Bad input (unknown dataset/protocol/model, missing paths, unreadable or
-mismatched checkpoints, too few images for the shots asked) ends with a
-one-line ``drople-fast: error: ...`` on stderr and exit code 2, no traceback
-(set ``DROPLE_FAST_DEBUG=1`` to see it), and never a run directory with a
-``metrics.json`` in it.
+Bad input (unknown dataset/protocol/model, contradictory options, missing
+paths, unreadable, damaged or mismatched checkpoints and configs, too few
+images for the shots asked, a locked run directory) and failing file systems
+(read-only, full, file-size limit) end with a one-line ``drople-fast: error:
+...`` on stderr and exit code 2, no traceback (set ``DROPLE_FAST_DEBUG=1`` to
+see it), and never a run directory with a ``metrics.json`` in it.
 """
 from __future__ import annotations
 
@@ -21,38 +22,48 @@ class CLIError(Exception):
 
 
 def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
-    from ..clip.config import MODES
+    """Training options; every default is read from TrainConfig / IWTDConfig (one home for defaults)."""
+    from ..clip.config import MODES, IWTDConfig
+    from .trainer import default_of
 
+    iwtd = IWTDConfig()
     if single:
         p.add_argument("--dataset", required=True, help="dataset name (e.g. DTD, ImageNet, Synthetic)")
-        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--seed", type=int, default=default_of("seed"))
         p.add_argument("--output-dir", required=True, help="run directory")
-        p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir (or return it if finished with the same fingerprint)")
     p.add_argument("--root", required=True, help="dataset root in the CoOp layout")
-    p.add_argument("--protocol", default="base2novel",
+    p.add_argument("--protocol", default=default_of("protocol"),
                    help="base2novel | cross_dataset | dg | few_shot | long_tail")
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-lr", type=float, default=2e-5)
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/v of vision layers 6-11 (0 = off)")
-    p.add_argument("--weight-decay", type=float, default=5e-5)
-    p.add_argument("--model", default="tiny", help="'tiny' or an open_clip name such as ViT-B-16")
+    p.add_argument("--shots", type=int, default=default_of("shots"))
+    p.add_argument("--epochs", type=int, default=default_of("epochs"))
+    p.add_argument("--batch-size", type=int, default=default_of("batch_size"))
+    p.add_argument("--lr", type=float, default=default_of("lr"))
+    p.add_argument("--lora-lr", type=float, default=default_of("lora_lr"))
+    p.add_argument("--lora-rank", type=int, default=default_of("lora_rank"),
+                   help="LoRA rank on q/v of vision layers 6-11 (0 = off)")
+    p.add_argument("--weight-decay", type=float, default=default_of("weight_decay"))
+    p.add_argument("--model", default=default_of("model"), help="'tiny' or an open_clip name such as ViT-B-16")
     p.add_argument("--pretrained", default=None,
                    help="local weights: open_clip .pt/.safetensors, OpenAI TorchScript .pt, or a HF CLIP folder")
-    p.add_argument("--mode", default="drop", choices=MODES, help="IWTD mode")
-    p.add_argument("--keep", type=float, default=0.5, help="drop_fixed: fraction of eligible tokens kept")
-    p.add_argument("--p-min", type=float, default=0.1)
-    p.add_argument("--p-max", type=float, default=0.5)
+    p.add_argument("--mode", default=iwtd.mode, choices=MODES, help="IWTD mode")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-ratio", type=float, default=None,
+                      help="drop_fixed only: fraction of eligible tokens kept, in (0, 1] (default 0.5)")
+    keep.add_argument("--keep-tokens", type=int, default=None, help="drop_fixed only: eligible tokens kept")
+    p.add_argument("--p-min", type=float, default=iwtd.p_min)
+    p.add_argument("--p-max", type=float, default=iwtd.p_max)
     p.add_argument("--descriptions", default=None, help="optional JSON of class descriptions (never required)")
     p.add_argument("--targets", nargs="*", default=None, help="cross_dataset/dg test datasets")
-    p.add_argument("--imbalance", type=float, default=10.0, help="long_tail imbalance factor")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--imbalance", type=float, default=None,
+                   help=f"long_tail imbalance factor (default {default_of('imbalance')})")
+    p.add_argument("--device", default=default_of("device"))
+    p.add_argument("--num-workers", type=int, default=default_of("num_workers"))
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-randaugment", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on --resume, the run's)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -60,15 +71,17 @@ def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
     from ..clip.config import IWTDConfig
     from .trainer import TrainConfig
 
-    iwtd = IWTDConfig(mode=args.mode, p_min=args.p_min, p_max=args.p_max, keep=args.keep)
+    iwtd = IWTDConfig(mode=args.mode, p_min=args.p_min, p_max=args.p_max, keep_ratio=args.keep_ratio,
+                      keep_tokens=args.keep_tokens)
+    optional = {k: v for k, v in (("imbalance", args.imbalance),) if v is not None}
     return TrainConfig(dataset=dataset, root=args.root, protocol=args.protocol, shots=args.shots, seed=seed,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
                        weight_decay=args.weight_decay, model=args.model, pretrained=args.pretrained, iwtd=iwtd,
                        lora_rank=args.lora_rank, descriptions=args.descriptions, targets=args.targets,
-                       imbalance=args.imbalance, output_dir=output_dir, device=args.device,
+                       output_dir=output_dir, device=args.device,
                        num_workers=args.num_workers, bf16=not args.no_bf16, randaugment=not args.no_randaugment,
                        resume=resume, progress=not args.no_progress,
-                       num_threads=args.threads)
+                       num_threads=args.threads, **optional)
 
 
 def _check_inputs(args) -> None:
@@ -91,8 +104,9 @@ def _check_inputs(args) -> None:
 def cmd_train(args) -> int:
     from .trainer import train
 
+    config = _config(args, args.dataset, args.seed, args.output_dir, args.resume)  # option checks first
     _check_inputs(args)
-    metrics = train(_config(args, args.dataset, args.seed, args.output_dir, args.resume))
+    metrics = train(config)
     if metrics:  # empty on DDP ranks other than 0
         _print_summary(metrics)
     return 0
@@ -217,15 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CLIError) as exc:
+    except (ValueError, OSError, CLIError) as exc:
+        # OSError: missing files, a read-only or full file system, a file-size limit, ...
         if os.environ.get("DROPLE_FAST_DEBUG") == "1":
             raise
-        print(f"drople-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"drople-fast: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("drople-fast: interrupted", file=sys.stderr)

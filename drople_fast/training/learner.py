@@ -51,7 +51,7 @@ from torch import nn
 from ..clip.attention import ADAPTER_ATTR
 from ..clip.config import IWTDConfig
 from .data import DATASET_TEMPLATES
-from .jsonio import read_json
+from .fileio import read_json
 from .losses import LossWeights, drople_loss
 from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook, text_tower
 

@@ -33,6 +33,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from .fileio import read_json
+
 # Entries in OpenAI archives that are not weights (open_clip drops them too).
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -182,9 +184,8 @@ def _read_hf_folder(folder: str) -> Dict[str, torch.Tensor]:
         return _read_safetensors(single)
     if os.path.isfile(index):
         try:
-            with open(index, "r", encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            shards = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{index} is not a valid safetensors index: {exc}") from exc
         out: Dict[str, torch.Tensor] = {}
         for shard in shards:
@@ -199,12 +200,7 @@ def _read_hf_folder(folder: str) -> Dict[str, torch.Tensor]:
 
 
 def _read_hf_config(folder: str) -> Dict:
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(os.path.join(folder, "config.json"), "Hugging Face config")
 
 
 def _activation(model: torch.nn.Module) -> str:

@@ -47,6 +47,15 @@ def _check_nonempty(records: Sequence[Record], what: str) -> None:
         raise ValueError(f"{what} is empty")
 
 
+def _check_every_class(records: Sequence[Record], classnames: Sequence[str], what: str) -> None:
+    """A class without a training image would train with 0 shots, silently: refuse, naming it."""
+    seen = {r.label for r in records}
+    empty = [f"{i} ({name})" for i, name in enumerate(classnames) if i not in seen]
+    if empty:
+        raise ValueError(f"{what}: class(es) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                         "have no training image")
+
+
 def _test(ds: DatasetSplits, key: str) -> EvalSplit:
     _check_nonempty(ds.test, f"test split of {ds.name}")
     return EvalSplit(key, ds.name, list(ds.classnames), list(ds.test))
@@ -61,6 +70,7 @@ def base_to_novel(dataset: str, root: str, shots: int = 16, seed: int = 1, cache
         raise ValueError(f"{ds.name} has {ds.num_classes} class(es): base-to-novel needs at least 2")
     train = few_shot_split(base, "train", shots, seed, cache_dir)
     _check_nonempty(train, f"training split of {base.name}")
+    _check_every_class(train, base.classnames, f"training split of {base.name}")
     return Plan("base2novel", ds.name, list(base.classnames), train,
                 [_test(base, "base_acc"), _test(novel, "novel_acc")], {"shots": shots})
 
@@ -69,6 +79,7 @@ def _all_classes(protocol: str, source: str, root: str, shots: int, seed: int, c
     ds = get_dataset(source, root)
     train = few_shot_split(ds, "train", shots, seed, cache_dir)
     _check_nonempty(train, f"training split of {ds.name}")
+    _check_every_class(train, ds.classnames, f"training split of {ds.name}")
     evals = [_test(ds, "acc")]
     for name in targets:
         target = get_dataset(name, root)
@@ -97,6 +108,7 @@ def few_shot(dataset: str, root: str, shots: int = 16, seed: int = 1, cache_dir:
         raise ValueError(f"few-shot needs shots >= 1, got {shots}")
     ds = get_dataset(dataset, root)
     train = few_shot_split(ds, "train", shots, seed, cache_dir)
+    _check_every_class(train, ds.classnames, f"training split of {ds.name}")
     return Plan("few_shot", ds.name, list(ds.classnames), train, [_test(ds, "acc")], {"shots": shots})
 
 

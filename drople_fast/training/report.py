@@ -23,18 +23,24 @@ HM of those two means.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import re
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .jsonio import read_json
+from .fileio import atomic_text, read_json
 
 REQUIRED = ("dataset", "seed", "protocol")
 # Keys that describe a run rather than measure it; never averaged as metrics.
 NON_METRICS = REQUIRED + ("shots", "images_per_s")  # throughput goes to the plot, not the accuracy tables
 BASE2NOVEL = "base2novel"
 B2N_KEYS = ("base_acc", "novel_acc", "hm")
+# A protocol name becomes a file name in the report folder: a plain word, nothing that can leave it.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Spreadsheets execute cells that start with these (CSV formula injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -53,6 +59,11 @@ def read_metrics(path: str) -> Dict:
     missing = [k for k in keys if k not in m]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}")
+    if not isinstance(m["protocol"], str) or not _SAFE_NAME.match(m["protocol"]) or ".." in m["protocol"]:
+        raise ValueError(f"{path}: protocol must be a plain name (letters, digits, _ . -), got {m['protocol']!r}")
+    for k, v in m.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{path}: {k} is {v}; a finished run never reports a non-finite number")
     if m["protocol"] == BASE2NOVEL:
         for k in B2N_KEYS:
             if not isinstance(m[k], (int, float)) or isinstance(m[k], bool):
@@ -158,24 +169,41 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_safe(cell):
+    """A text cell a spreadsheet will not execute: leading = + - @ (and tab/CR) get a quote prefix."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
+def confined(out_dir: str, name: str) -> str:
+    """``out_dir/name``, refusing a name that is not a plain file name inside ``out_dir``."""
+    path = os.path.normpath(os.path.join(os.path.abspath(out_dir), name))
+    if os.path.dirname(path) != os.path.normpath(os.path.abspath(out_dir)):
+        raise ValueError(f"report file name {name!r} would leave the output folder {out_dir}")
+    return path
+
+
 def to_csv(header: Sequence[str], rows: Sequence[Sequence], path: str) -> None:
-    """CSV with separate mean and std columns per metric (machine-readable)."""
+    """CSV with separate mean and std columns per metric (machine-readable); text cells are
+    neutralised against formula injection (:func:`csv_safe`)."""
     out_header = [header[0]]
     for h in header[1:]:
         out_header += [h] if h == "Seeds" else [f"{h}_mean", f"{h}_std"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(out_header)
-        for row in rows:
-            out = [row[0]]
-            for h, c in zip(header[1:], row[1:]):
-                if h == "Seeds":
-                    out.append("" if c is None else c)
-                elif c is None:
-                    out += ["", ""]
-                else:
-                    out += [f"{c[0]:.4f}", "" if c[1] is None else f"{c[1]:.4f}"]
-            w.writerow(out)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow([csv_safe(h) for h in out_header])
+    for row in rows:
+        out = [csv_safe(row[0])]
+        for h, c in zip(header[1:], row[1:]):
+            if h == "Seeds":
+                out.append("" if c is None else c)
+            elif c is None:
+                out += ["", ""]
+            else:
+                out += [f"{c[0]:.4f}", "" if c[1] is None else f"{c[1]:.4f}"]
+        w.writerow(out)
+    atomic_text(path, f.getvalue())
 
 
 def throughput_points(runs: Iterable[Dict], metric: str = "hm") -> List[Tuple[str, float, float]]:
@@ -224,14 +252,13 @@ def write_report(run_root: str, out_dir: str) -> List[str]:
             header, rows = base_novel_table(runs)
         else:
             header, rows = metric_table(runs, protocol)
-        md, csv_path = os.path.join(out_dir, f"{protocol}.md"), os.path.join(out_dir, f"{protocol}.csv")
-        with open(md, "w", encoding="utf-8") as f:
-            f.write(f"## {protocol}\n\n" + to_markdown(header, rows))
+        md, csv_path = confined(out_dir, f"{protocol}.md"), confined(out_dir, f"{protocol}.csv")
+        atomic_text(md, f"## {protocol}\n\n" + to_markdown(header, rows))
         to_csv(header, rows, csv_path)
         written += [md, csv_path]
     points = throughput_points(runs)
     if points:
-        png = os.path.join(out_dir, "accuracy_vs_throughput.png")
+        png = confined(out_dir, "accuracy_vs_throughput.png")
         plot_accuracy_vs_throughput(points, png)
         written.append(png)
     return written

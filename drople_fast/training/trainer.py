@@ -1,21 +1,13 @@
 """Training and evaluation: ``drople_fast.train(TrainConfig(...))``.
 
-A run directory holds, in the order they appear:
-
-* ``config.json``   the resolved configuration;
-* ``checkpoint.pt`` written atomically (tmp + ``os.replace``) after every
-  epoch: learner prompts/LoRA, ``drople_fast.patch_state_dict`` (bridge and
-  IWTD step counters), optimizer, scheduler, every RNG state (torch, CUDA,
-  numpy, random, the dataloader generator) and the per-epoch history;
-* ``metrics.jsonl`` one JSON line per finished epoch (rewritten from the
-  checkpoint's history, so it never disagrees with it);
-* ``results.md``    the evaluation table (zero-shot vs DroPLe);
-* ``metrics.json``  the final metrics in :mod:`drople_fast.training.report`'s schema,
-  written last: a run without it is incomplete, whatever else is there.
-
-``resume=True`` continues from ``checkpoint.pt`` with every state restored,
-so the final weights are bitwise those of an uninterrupted run. The model of
-the last epoch is evaluated; no test split is ever used for selection.
+The run directory (files, lock, fingerprint, checksums, clean-up) is owned by
+:mod:`drople_fast.training.run_dir`. ``resume=True`` continues from its
+checkpoint with every state restored (learner, patch step counters,
+optimizer, scheduler, every RNG state), so the final weights are bitwise
+those of an uninterrupted run; a finished run with the same fingerprint is
+returned as it is. The model of the last epoch is evaluated; no test split
+is ever used for selection. A non-finite loss or weight stops the run with
+an error naming the epoch and step; such a run is never marked finished.
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) training uses
 DistributedDataParallel (gloo on CPU, nccl on CUDA) with a
@@ -24,11 +16,10 @@ DistributedSampler; rank 0 writes the run directory and evaluates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,16 +29,27 @@ import torch
 
 from ..clip.config import IWTDConfig
 from ..clip.seeds import derive_seed
-from .jsonio import read_json
+from .fileio import atomic_json, atomic_text, read_json_object
 from .losses import LossWeights
+from . import run_dir as rd
 from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
 from .report import to_markdown
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "drople_fast-checkpoint-v1"
-# Config fields that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "num_workers", "progress", "output_dir", "device", "eval_batch_size", "num_threads"}
+CHECKPOINT = rd.CHECKPOINT
+load_checkpoint = rd.load_checkpoint
+
+
+class NonFiniteError(ValueError):
+    """Training diverged (a NaN or infinite loss or weight)."""
+
+
+_INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "text_depth", "vision_depth",
+               "num_workers", "eval_batch_size")
+_FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "warmup_epochs", "imbalance", "crop_scale_min")
+_BOOL_FIELDS = ("randaugment", "bf16", "resume", "progress")
+_STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device")
+_OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
 
 
 @dataclass
@@ -97,18 +99,71 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if isinstance(self.iwtd, dict):
-            self.iwtd = IWTDConfig(**self.iwtd)
+            try:
+                self.iwtd = IWTDConfig(**self.iwtd)
+            except TypeError as exc:
+                raise ValueError(f"iwtd: {exc}") from None
+        elif not isinstance(self.iwtd, IWTDConfig):
+            raise ValueError(f"iwtd must be an IWTDConfig or a dict of its fields, got {type(self.iwtd).__name__}")
         if isinstance(self.loss_weights, dict):
-            self.loss_weights = LossWeights(**self.loss_weights)
+            try:
+                self.loss_weights = LossWeights(**self.loss_weights)
+            except TypeError as exc:
+                raise ValueError(f"loss_weights: {exc}") from None
+        elif not isinstance(self.loss_weights, LossWeights):
+            raise ValueError(f"loss_weights must be a LossWeights or a dict, got {type(self.loss_weights).__name__}")
         self.protocol = canonical_protocol(self.protocol)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.lora_lr < 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and lora_lr, weight_decay >= 0")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.lr > 0 or self.lora_lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and lora_lr, weight_decay >= 0, got lr={self.lr}, "
+                             f"lora_lr={self.lora_lr}, weight_decay={self.weight_decay}")
+        for name in ("num_workers", "lora_rank", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads (--threads) must be >= 1, got {self.num_threads}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not self.imbalance >= 1:
+            raise ValueError(f"imbalance must be >= 1, got {self.imbalance}")
+        if self.targets is not None and self.protocol not in ("cross_dataset", "dg"):
+            raise ValueError(f"targets only apply to the cross_dataset and dg protocols, not {self.protocol}")
+        if self.imbalance != _DEFAULT_IMBALANCE and self.protocol != "long_tail":
+            raise ValueError(f"imbalance only applies to the long_tail protocol, not {self.protocol}")
+        check_device_name(self.device)
+
+    def _check_types(self) -> None:
+        """Field types, so a hand-edited config.json fails with the field named (not deep inside a run)."""
+        def bad(name, want):
+            return ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        for name in _INT_FIELDS + ("num_threads",):
+            v = getattr(self, name)
+            if (v is not None or name != "num_threads") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise bad(name, "an int")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "a finite number")
+            setattr(self, name, float(v))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        for name in _STR_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        for name in _OPTIONAL_STR_FIELDS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "a string or null")
+        if self.targets is not None and (not isinstance(self.targets, (list, tuple))
+                                         or not all(isinstance(t, str) for t in self.targets)):
+            raise bad("targets", "a list of dataset names")
+        if self.targets is not None:
+            self.targets = list(self.targets)
 
     def to_dict(self) -> Dict:
         d = asdict(self)
@@ -118,11 +173,34 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {unknown}")
         return cls(**d)
+
+
+_DEFAULT_IMBALANCE = 10.0
+TRAIN_DEFAULTS = TrainConfig.__dataclass_fields__  # CLI defaults are read from here
+
+
+def default_of(name: str):
+    """The TrainConfig default of field ``name`` (the CLI's defaults come from here)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def check_device_name(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
 
 
 # --------------------------------------------------------------------------
@@ -145,6 +223,7 @@ def _worker_init(worker_id: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_name(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
@@ -179,33 +258,6 @@ def image_size_of(clip) -> int:
 def _dist_info() -> Tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _atomic_json(path: str, payload: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> Dict:
-    """Read a run checkpoint; a missing, truncated or foreign file is a clear error naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) \
-            from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a drople_fast run checkpoint")
-    return ckpt
 
 
 def _np_state() -> List:
@@ -256,14 +308,34 @@ def _autocast(device: torch.device, bf16: bool):
 # --------------------------------------------------------------------------
 
 
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def fewshot_cache_dir(cfg: TrainConfig) -> Optional[str]:
+    """Where few-shot samples are cached: ``--fewshot-cache``, else ``<root>/split_fewshot``, else (a
+    read-only root) ``$XDG_CACHE_HOME/drople_fast/split_fewshot`` (logged); None if nothing is writable."""
+    if cfg.fewshot_cache is not None:
+        return cfg.fewshot_cache
+    cache = os.path.join(cfg.root, "split_fewshot")
+    if _writable_dir(cache):
+        return cache
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    fallback = os.path.join(base, "drople_fast", "split_fewshot")
+    if _writable_dir(fallback):
+        print(f"drople-fast: {cache} is not writable; caching few-shot samples in {fallback}", file=sys.stderr)
+        return fallback
+    print(f"drople-fast: {cache} and {fallback} are not writable; few-shot samples are not cached "
+          "(they are seeded, so nothing changes)", file=sys.stderr)
+    return None
+
+
 def make_plan(cfg: TrainConfig) -> Plan:
-    cache = cfg.fewshot_cache
-    if cache is None:
-        cache = os.path.join(cfg.root, "split_fewshot")
-        try:
-            os.makedirs(cache, exist_ok=True)
-        except OSError:
-            cache = None  # read-only data root: sampling is seeded anyway
+    cache = fewshot_cache_dir(cfg)
     return build_plan(cfg.protocol, cfg.dataset, cfg.root, cfg.shots, cfg.seed, cache_dir=cache,
                       targets=cfg.targets, imbalance=cfg.imbalance)
 
@@ -398,7 +470,11 @@ def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, wor
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
                     world: int = 1) -> Tuple[Dict[str, float], int, int]:
-    """One pass over ``loader``: (summed loss terms, batches, images over all ranks)."""
+    """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
+
+    Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
+    already copied to the host for the running sums: no extra synchronisation).
+    """
     sums: Dict[str, float] = {}
     n_batches = n_images = 0
     steps = len(loader)
@@ -411,36 +487,42 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
         optimizer.step()
         scheduler.step()
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+            value = float(v.detach())
+            if not math.isfinite(value):
+                raise NonFiniteError(f"training diverged: loss term {k!r} is {value} at epoch {epoch + 1} step "
+                                     f"{step + 1} of {steps}; the run is stopped (lower --lr?)")
+            sums[k] = sums.get(k, 0.0) + value
         n_batches += 1
         n_images += labels.numel() * world
     return sums, n_batches, n_images
 
 
-def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Tuple[Optional[Dict], bool]:
-    """(checkpoint to resume from or None, whether this call created the directory)."""
-    out = cfg.output_dir
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    exists = os.path.isdir(out) and bool(os.listdir(out))
-    if cfg.resume:
-        if os.path.isfile(ckpt_path):
-            ckpt = load_checkpoint(ckpt_path)
-            _check_resume_config(ckpt["config"], cfg, ckpt_path)
-            return ckpt, False
-        if os.path.isfile(os.path.join(out, "metrics.json")):
-            raise ValueError(f"{out} has metrics.json but no {CHECKPOINT}; cannot resume")
-        return None, not os.path.isdir(out)
-    if exists and any(os.path.exists(os.path.join(out, n)) for n in (CHECKPOINT, "metrics.json", "config.json")):
-        raise ValueError(f"run directory {out} already holds a run; pass resume=True (--resume) or pick another")
-    return None, not os.path.isdir(out)
+def _check_finite_weights(learner, epoch: int) -> None:
+    params = [p for _, p in learner.trainable_named_parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = [n for n, p in learner.trainable_named_parameters() if not bool(torch.isfinite(p).all())]
+        raise NonFiniteError(f"training diverged: non-finite weights after epoch {epoch + 1} ({', '.join(bad[:3])})")
 
 
-def _check_resume_config(saved: Dict, cfg: TrainConfig, path: str) -> None:
-    now = cfg.to_dict()
-    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
+def _execution(cfg: TrainConfig) -> Dict:
+    """What results depend on besides the fingerprint: recorded in checkpoints, checked on resume."""
+    return {"num_threads": torch.get_num_threads(), "num_workers": cfg.num_workers}
+
+
+def _check_resume(ckpt: Dict, cfg: TrainConfig, fp: Dict, path: str) -> None:
+    diff = rd.fingerprint_diff(ckpt["fingerprint"], fp)
     if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"cannot resume from {path}: configuration differs ({shown})")
+        raise rd.RunDirError(f"cannot resume from {path}: configuration differs ({'; '.join(diff[:6])})")
+    if ckpt["epoch"] > cfg.epochs:
+        raise rd.RunDirError(f"cannot resume from {path}: its epoch {ckpt['epoch']} exceeds epochs={cfg.epochs}")
+    saved = ckpt["execution"]
+    if cfg.num_threads is None and torch.get_num_threads() != saved["num_threads"]:
+        torch.set_num_threads(saved["num_threads"])  # CPU reductions depend on the thread count
+    now = _execution(cfg)
+    for name, flag in (("num_threads", "--threads"), ("num_workers", "--num-workers")):
+        if now[name] != saved[name]:
+            raise rd.RunDirError(f"cannot resume from {path} bit-exactly: it ran with {name}={saved[name]}, now "
+                                 f"{now[name]} (results depend on it); pass {flag} {saved[name]}")
 
 
 def train(config: TrainConfig | Dict) -> Dict:
@@ -477,44 +559,55 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
     from tqdm.auto import tqdm
 
     main = rank == 0
-    done = os.path.join(cfg.output_dir, "metrics.json")
-    if cfg.resume and not distributed and os.path.isfile(done):
-        from .report import read_metrics
-
-        metrics = read_metrics(done)  # already complete: nothing to continue
-        metrics.pop("_path", None)
-        return metrics
     # Everything that can fail on bad input happens before the run directory is touched.
     plan = make_plan(cfg)
-    clip = build_clip(cfg.model, cfg.pretrained, device)
-    resume_ckpt, created = _prepare_run_dir(cfg, rank) if main else (None, False)
-    if distributed and cfg.resume:
-        path = os.path.join(cfg.output_dir, CHECKPOINT)
-        resume_ckpt = load_checkpoint(path) if os.path.isfile(path) else None
-    seed_everything(cfg.seed)
-    setup = build_training(cfg, plan, clip, device, world, rank)
-    learner, loader, sampler, gen = setup.learner, setup.loader, setup.sampler, setup.generator
-    optimizer, scheduler, image_size = setup.optimizer, setup.scheduler, setup.image_size
-
-    start_epoch, history = 0, []
-    if resume_ckpt is not None:
-        learner.load_prompt_state_dict(resume_ckpt["learner"], CHECKPOINT)
-        load_patch_state_dict(clip, resume_ckpt["patch"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        _set_rng_state(resume_ckpt["rng"], gen)
-        start_epoch, history = int(resume_ckpt["epoch"]), list(resume_ckpt["history"])
-
-    model = learner
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            learner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-
-    out = cfg.output_dir
-    if main:
-        os.makedirs(out, exist_ok=True)
-        _atomic_json(os.path.join(out, "config.json"), cfg.to_dict())
+    fp = rd.fingerprint(cfg.to_dict(), plan, cfg.root)
+    run = rd.RunDir(cfg.output_dir).open() if main else None
+    failed = True
     try:
+        resume_ckpt = None
+        if main:
+            run.check_fingerprint(fp)
+            holds_run = any(run.has(n) for n in (rd.CHECKPOINT, rd.METRICS, rd.CONFIG))
+            if holds_run and not cfg.resume:
+                raise rd.RunDirError(f"run directory {cfg.output_dir} already holds a run; pass resume=True "
+                                     "(--resume) to continue or reuse it, or pick another")
+            if run.has(rd.METRICS) and not distributed:
+                from .report import read_metrics
+
+                metrics = read_metrics(run.file(rd.METRICS))  # finished, same fingerprint: nothing to do
+                metrics.pop("_path", None)
+                failed = False
+                return metrics
+            if run.has(rd.CHECKPOINT):
+                resume_ckpt = rd.load_checkpoint(run.checkpoint_path)
+                _check_resume(resume_ckpt, cfg, fp, run.checkpoint_path)
+        elif cfg.resume:
+            path = os.path.join(cfg.output_dir, CHECKPOINT)
+            resume_ckpt = rd.load_checkpoint(path) if os.path.isfile(path) else None
+        clip = build_clip(cfg.model, cfg.pretrained, device)
+        seed_everything(cfg.seed)
+        setup = build_training(cfg, plan, clip, device, world, rank)
+        learner, loader, sampler, gen = setup.learner, setup.loader, setup.sampler, setup.generator
+        optimizer, scheduler, image_size = setup.optimizer, setup.scheduler, setup.image_size
+
+        start_epoch, history = 0, []
+        if resume_ckpt is not None:
+            learner.load_prompt_state_dict(resume_ckpt["learner"], CHECKPOINT)
+            load_patch_state_dict(clip, resume_ckpt["patch"])
+            optimizer.load_state_dict(resume_ckpt["optimizer"])
+            scheduler.load_state_dict(resume_ckpt["scheduler"])
+            _set_rng_state(resume_ckpt["rng"], gen)
+            start_epoch, history = int(resume_ckpt["epoch"]), list(resume_ckpt["history"])
+
+        model = learner
+        if distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                learner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+        out = cfg.output_dir
+        if main:
+            run.start(cfg.to_dict(), fp)
         train_time = sum(h["time_s"] for h in history)
         images_seen = sum(h["images"] for h in history)
         bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {plan.dataset}", disable=not (cfg.progress and main),
@@ -527,6 +620,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             t0 = time.perf_counter()
             sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.bf16,
                                                         epoch, cfg.epochs, world)
+            _check_finite_weights(learner, epoch)
             elapsed = time.perf_counter() - t0
             train_time += elapsed
             images_seen += n_images
@@ -537,18 +631,17 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if main:
-                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
-                              "learner": learner.prompt_state_dict(), "patch": patch_state_dict(clip),
-                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "rng": _rng_state(gen), "history": history}, os.path.join(out, CHECKPOINT))
-                tmp = os.path.join(out, f"metrics.jsonl.tmp{os.getpid()}")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(h) + "\n" for h in history)
-                os.replace(tmp, os.path.join(out, "metrics.jsonl"))
+                run.save_checkpoint({"format": rd.CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
+                                     "fingerprint": fp, "execution": _execution(cfg),
+                                     "learner": learner.prompt_state_dict(), "patch": patch_state_dict(clip),
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "rng": _rng_state(gen), "history": history})
+                run.write_history(history)
         bar.close()
         if distributed:
             torch.distributed.barrier()
         if not main:
+            failed = False
             return {}
         accs, zs = evaluate_plan(learner, plan, cfg, device, image_size)
         info = {"epochs": cfg.epochs, "shots": cfg.shots, "mode": cfg.iwtd.mode, "model": cfg.model,
@@ -556,15 +649,13 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
                 "images_per_s": images_seen / train_time if train_time > 0 else 0.0,
                 "final_loss": history[-1]["loss"] if history else None, "run_dir": os.path.abspath(out)}
         metrics = final_metrics(cfg, plan, accs, zs, info)
-        with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-            f.write(results_table(plan, {**accs, "_mode": cfg.iwtd.mode}, zs))
-        _atomic_json(os.path.join(out, "metrics.json"), metrics)
+        run.write_results(results_table(plan, {**accs, "_mode": cfg.iwtd.mode}, zs))
+        run.write_metrics(metrics)
+        failed = False
         return metrics
-    except BaseException:
-        # A run that failed before its first checkpoint leaves nothing behind.
-        if main and created and not os.path.isfile(os.path.join(out, CHECKPOINT)):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    finally:
+        if main:
+            run.close(failed)
 
 
 # --------------------------------------------------------------------------
@@ -577,7 +668,11 @@ def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[s
              progress: bool = True, write: bool = True) -> Dict:
     """Evaluate the learner saved in ``run_dir`` (or ``checkpoint``); optionally on another
     dataset/protocol. Writes ``eval/<dataset>_<protocol>.json`` and ``.md`` in the run dir."""
-    cfg = TrainConfig.from_dict(read_json(os.path.join(run_dir, "config.json"), "run config"))
+    config_path = os.path.join(run_dir, rd.CONFIG)
+    try:
+        cfg = TrainConfig.from_dict(read_json_object(config_path, "run config"))
+    except ValueError as exc:
+        raise ValueError(f"run config {config_path} is not valid: {exc}") from None
     ckpt_path = checkpoint or os.path.join(run_dir, CHECKPOINT)
     ckpt = load_checkpoint(ckpt_path)
     overrides = {k: v for k, v in (("dataset", dataset), ("root", root), ("protocol", protocol)) if v is not None}
@@ -600,8 +695,7 @@ def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[s
         folder = os.path.join(run_dir, "eval")
         os.makedirs(folder, exist_ok=True)
         stem = f"{plan.dataset}_{plan.protocol}"
-        with open(os.path.join(folder, stem + ".md"), "w", encoding="utf-8") as f:
-            f.write(metrics["table"])
+        atomic_text(os.path.join(folder, stem + ".md"), metrics["table"])
         # not named metrics.json, so report never mixes re-evaluations with training runs
-        _atomic_json(os.path.join(folder, stem + ".json"), metrics)
+        atomic_json(os.path.join(folder, stem + ".json"), metrics)
     return metrics

@@ -57,7 +57,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..jsonio import read_json
+from ..fileio import read_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -197,6 +197,17 @@ def classnames_from_records(splits: Dict[str, List[Record]], source: str) -> Lis
     return [by_label[y] for y in range(num)]
 
 
+def confined_path(folder: str, relative: str, what: str) -> str:
+    """``folder/relative``, refusing absolute paths and paths that leave ``folder`` (``..``), naming ``what``."""
+    if os.path.isabs(relative):
+        raise ValueError(f"{what}: image path {relative!r} is absolute; split files hold paths inside {folder}")
+    base = os.path.normpath(os.path.abspath(folder))
+    joined = os.path.normpath(os.path.join(base, relative))
+    if joined == base or os.path.commonpath([base, joined]) != base:
+        raise ValueError(f"{what}: image path {relative!r} leaves the image folder {folder}")
+    return os.path.join(folder, relative)
+
+
 def read_split_json(split_file: str, image_dir: str) -> Dict[str, List[Record]]:
     """Read a CoOp ``split_zhou_*.json``; paths are joined to ``image_dir``."""
     data = read_json(split_file, "split file")
@@ -223,7 +234,7 @@ def read_split_json(split_file: str, image_dir: str) -> Dict[str, List[Record]]:
                 raise ValueError(
                     f"{split_file}: {split}[{i}] = {item!r} is not [relative_path, int label, classname]"
                 )
-            records.append(Record(os.path.join(image_dir, item[0]), item[1], item[2]))
+            records.append(Record(confined_path(image_dir, item[0], f"{split_file}: {split}[{i}]"), item[1], item[2]))
         out[split] = records
     return out
 

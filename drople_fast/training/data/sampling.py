@@ -9,13 +9,13 @@ sampling is a fault not to copy (docs/design.md §9).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..fileio import atomic_json, read_json_object
 from .datasets import SPLITS, DatasetSplits, Record
 
 
@@ -89,19 +89,14 @@ def few_shot_split(
         "items": [[_relpath(r.path, dataset.image_dir), r.label, r.classname] for r in chosen],
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)  # atomic, so concurrent runs never read half a file
+    atomic_json(path, payload)  # atomic, so concurrent runs never read half a file
     return chosen
 
 
 def _read_cache(path: str, dataset: DatasetSplits, records: Sequence[Record]) -> List[Record]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            items = json.load(f)["items"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"few-shot cache {path} is not valid: {exc}") from exc
+    items = read_json_object(path, "few-shot cache").get("items")
+    if not isinstance(items, list):
+        raise ValueError(f"few-shot cache {path} is not valid: no list of items")
     index = {(_relpath(r.path, dataset.image_dir), r.label, r.classname): r for r in records}
     out = []
     for item in items:
