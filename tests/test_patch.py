@@ -254,7 +254,8 @@ def test_not_a_clip_refused():
 ])
 def test_layer_index_out_of_range(over, fragments):
     model = tiny()
-    _raises(fragments, df.apply, model, df.IWTDConfig(**over))
+    # negative indices are refused by IWTDConfig itself, too-large ones by apply (it knows the depth)
+    _raises(fragments, lambda: df.apply(model, df.IWTDConfig(**over)))
     assert not df.is_patched(model)
     assert type(model.visual).__name__ == "VisionTransformer"
 
