@@ -452,3 +452,40 @@ def test_read_only_dataset_root_with_split_fewshot_falls_back(tmp_path):
     assert str(cache / "drople_fast" / "split_fewshot") in err.decode()
     assert any(cache.rglob("*.json")) and not any((root / "split_fewshot").iterdir())
     assert (out / "metrics.json").exists()
+
+
+def test_eval_refuses_a_config_that_does_not_describe_the_checkpoint(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    saved = json.loads((run / "config.json").read_text())
+    saved["lora_rank"] = 3  # config.json of another run beside this checkpoint
+    (run / "config.json").write_text(json.dumps(saved))
+    assert_main_error(capsys, ["eval", str(run), "--no-progress", "--device", "cpu"], "lora_rank: 0 -> 3")
+
+
+@pytest.mark.parametrize("content,fragment", [("{", "not valid JSON"), ("[]", "expected a JSON object"),
+                                              ('{"dataset": "Synthetic"}', "missing key")])
+def test_poisoned_metrics_json_of_a_finished_run(finished, tmp_path, content, fragment):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "metrics.json").write_text(content)
+    saved = json.loads((run / "config.json").read_text())
+    saved.update(resume=True, output_dir=str(run))
+    with pytest.raises(ValueError, match=fragment):
+        train(TrainConfig.from_dict(saved))
+    assert (run / "metrics.json").read_text() == content  # reported, never silently overwritten
+
+
+@pytest.mark.slow
+def test_two_concurrent_cli_writers(data_root, tmp_path):
+    out = tmp_path / "run"
+    first = cli(_train_args(data_root, out, epochs=60) + ["--resume"])  # long enough to overlap
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (out / "fingerprint.json").exists():
+        time.sleep(0.01)
+    second = cli(_train_args(data_root, out, epochs=60) + ["--resume"])
+    line = one_line_error(second)
+    assert "in use by another drople-fast process" in line and f"pid {first.pid}" in line, line
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err.decode()[-2000:]
+    assert (out / "metrics.json").exists() and rd.load_checkpoint(str(out / rd.CHECKPOINT))["epoch"] == 60

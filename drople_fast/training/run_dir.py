@@ -86,10 +86,11 @@ def data_fingerprint(plan, root: str) -> str:
 
 
 def fingerprint(config: Dict, plan, root: str) -> Dict:
+    """The run's fingerprint; ``plan`` None leaves the data part out (checking a config alone)."""
     from .. import __version__
 
     return {"config": {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED},
-            "data": data_fingerprint(plan, root), "version": __version__}
+            "data": None if plan is None else data_fingerprint(plan, root), "version": __version__}
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

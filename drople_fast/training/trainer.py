@@ -675,6 +675,10 @@ def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[s
         raise ValueError(f"run config {config_path} is not valid: {exc}") from None
     ckpt_path = checkpoint or os.path.join(run_dir, CHECKPOINT)
     ckpt = load_checkpoint(ckpt_path)
+    diff = rd.fingerprint_diff(ckpt["fingerprint"]["config"], rd.fingerprint(cfg.to_dict(), None, "")["config"]) \
+        if isinstance(ckpt["fingerprint"], dict) and "config" in ckpt["fingerprint"] else ["fingerprint: malformed"]
+    if diff:
+        raise rd.RunDirError(f"{config_path} does not describe {ckpt_path} ({'; '.join(diff[:6])})")
     overrides = {k: v for k, v in (("dataset", dataset), ("root", root), ("protocol", protocol)) if v is not None}
     ecfg = dataclasses.replace(cfg, device=device, progress=progress, **overrides)
     plan = make_plan(ecfg)
