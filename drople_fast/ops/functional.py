@@ -137,7 +137,9 @@ def iwtd(
         anchor = torch.full((B,), anchor_index, dtype=torch.int64, device=device)
     else:
         anchor = anchor_index.to(torch.int64).contiguous()
-    with torch.no_grad():
+    # Autocast off: the scores are float32 math on every backend (DESIGN §3), whatever the caller's
+    # autocast would make of the matmuls; low-precision q/k/hidden are read as they are.
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         folded, shift = fold_bridge(bridge_tokens, bridge_weight, bridge_bias)
         fused = select_backend(backend, device, q.dtype)
         importance, drop_prob, drop_mask, keep_count, keep_order = fused(

@@ -23,14 +23,19 @@ def bridge_logits(hidden: torch.Tensor, folded: torch.Tensor, shift: torch.Tenso
 def bridge_features(hidden, bridge_tokens, bridge_weight, bridge_bias, valid):
     """Differentiable pooled bridge features ``F = G (W h + b)`` of shape (B, M, P).
 
-    Rows of G sum to one, so ``G (W h + b) = (G h) W^T + b``; computed in the
-    hidden dtype so gradients reach the tokens, the map and the hidden states.
+    Rows of G sum to one, so ``G (W h + b) = (G h) W^T + b``. Computed in the wider of
+    the hidden and bridge dtypes (an fp32 bridge on a bf16/fp16 model upcasts the hidden
+    states explicitly), so gradients reach the tokens, the map and the hidden states;
+    under autocast the matmuls run in autocast's dtype as usual.
     """
+    dtype = torch.promote_types(hidden.dtype, bridge_weight.dtype)
+    hidden, bridge_tokens = hidden.to(dtype), bridge_tokens.to(dtype)
+    bridge_weight, bridge_bias = bridge_weight.to(dtype), bridge_bias.to(dtype)
     # Fold the map into the tokens first: M x D instead of S x D x P per sample.
     logits = bridge_logits(hidden, bridge_tokens @ bridge_weight, bridge_tokens @ bridge_bias, valid)
     # Softmax in at least float32 (low-precision inputs), in float64 when given float64.
-    gate = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(hidden.dtype)
-    return (gate @ hidden) @ bridge_weight.t() + bridge_bias
+    gate = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return (gate.to(dtype) @ hidden) @ bridge_weight.t() + bridge_bias
 
 
 def keep_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
