@@ -149,14 +149,13 @@ def test_fp16_autocast_same_masks_on_triton_and_reference(monkeypatch):
 
 
 # bf16 keeps 8 significant bits (one rounding: 2**-9 ~ 0.2% relative), and a 12-layer forward and
-# backward accumulates far more than one rounding. Measured on this tiny random CLIP, the unpatched
-# model ("off") under bf16 autocast already gives text-prompt gradients ~4% and visual-prompt gradients
-# ~15-18% (norm-relative) from fp32: the visual prompts' gradient is a weak signal through 12 random
-# layers. So the stated tolerance: every gradient within 25% (norm-relative) of fp32 and pointing the
-# same way (cosine > 0.97); the text prompts and the bridge, which carry strong signal, within 6%.
-BF16_GRAD_TOL = 0.25
-BF16_GRAD_TOL_STRONG = 0.06
-BF16_GRAD_COS = 0.97
+# backward accumulates many roundings. Measured on this tiny random CLIP: every prompt, LoRA and bridge
+# gradient within 0.3-5% (norm-relative) of fp32, cosine > 0.9992. Stated tolerance: 8% and cosine > 0.998.
+# The logit scale's gradient is one scalar summed over every logit with cancellation (measured 10%):
+# within 20%. Tensors whose fp32 gradient is exactly zero (peft-initialised LoRA A) stay exactly zero.
+BF16_GRAD_TOL = 0.08
+BF16_GRAD_COS = 0.998
+BF16_SCALAR_TOL = 0.20
 
 
 def test_bf16_gradients_match_fp32():
@@ -172,7 +171,12 @@ def test_bf16_gradients_match_fp32():
     assert any(n.startswith("clip.drople_bridge.") for n in grads["fp32"])
     for name, want in grads["fp32"].items():
         got = grads["bf16"][name]
-        err = float((got - want).norm() / want.norm().clamp(min=1e-12))
+        if not bool(want.any()):
+            assert not bool(got.any()), name
+            continue
+        err = float((got - want).norm() / want.norm())
+        if want.numel() == 1:
+            assert err < BF16_SCALAR_TOL, (name, err)
+            continue
         cos = float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
-        tol = BF16_GRAD_TOL if name.startswith("vision_ctx.") else BF16_GRAD_TOL_STRONG
-        assert err < tol and cos > BF16_GRAD_COS, (name, err, cos)
+        assert err < BF16_GRAD_TOL and cos > BF16_GRAD_COS, (name, err, cos)
