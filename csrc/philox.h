@@ -25,8 +25,13 @@ inline uint32_t umulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// First output word of Philox4x32-10 for key `seed` and counter (offset, 0).
-inline uint32_t philox4x32_c0(uint64_t seed, uint64_t offset) {
+// The four output words of Philox4x32-10 for key `seed` and counter (offset, 0)
+// (Triton's randint4x).
+struct Words {
+  uint32_t c0, c1, c2, c3;
+};
+
+inline Words philox4x32(uint64_t seed, uint64_t offset) {
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(offset);
@@ -47,8 +52,11 @@ inline uint32_t philox4x32_c0(uint64_t seed, uint64_t offset) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  return {c0, c1, c2, c3};
 }
+
+// First output word of Philox4x32-10 for key `seed` and counter (offset, 0).
+inline uint32_t philox4x32_c0(uint64_t seed, uint64_t offset) { return philox4x32(seed, offset).c0; }
 
 // Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with
 // x -> -x - 1, scale by the largest float s with (2^31 - 1) * s < 1.

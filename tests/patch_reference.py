@@ -28,7 +28,8 @@ Semantics replicated from docs/design.md §7 and the patch docstrings:
 * eligible: vision every token but CLS (prompts included); text the prompt
   tokens when the hook supplies text prompts, otherwise every word strictly
   between SOS and EOS;
-* "perturb": selected tokens x (1 + sigma * token_normal(layer_seed)[b, j]);
+* "perturb": selected tokens x (1 + sigma * n) with one normal per element (b, j, d) at the Philox
+  counter (b * row_stride + j) * D + d of the noise key (release/utils/token_importance.py:173-174);
 * "drop": selected tokens removed; when the next layer supplies prompts the
   old prompts are removed as well;
 * "drop_fixed": exactly ``keep_count(#eligible)`` eligible tokens kept, the
@@ -45,7 +46,8 @@ import torch
 from torch import nn
 
 from drople_fast.clip.patch import text_tower
-from drople_fast.ops.philox import gumbel_seed, token_normal, token_uniform
+from drople_fast.ops.noise import element_normal, element_offsets, noise_key
+from drople_fast.ops.philox import gumbel_seed, token_uniform
 from drople_fast.ops.reference import iwtd_from_attention
 
 TOWER_INDEX = {"vision": 0, "text": 1}
@@ -165,7 +167,6 @@ def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, brid
         layer_seed = layer_seed_of(seed, i)
         seed_t = torch.tensor(layer_seed, dtype=torch.int64)
         uniform = token_uniform(seed_t, B, width, row_stride=stride)
-        noise = token_normal(seed_t, B, width, row_stride=stride)
         gumbel = -torch.log(-torch.log(token_uniform(gumbel_seed(seed_t), B, width, row_stride=stride)
                                        .clamp(min=1e-20)))
         folded = (bridge.tokens.float() @ (bridge.vision if tower == "vision" else bridge.text).weight.float())
@@ -194,8 +195,10 @@ def run_tower(blocks, samples: list[Sample], tower: str, causal: bool, cfg, brid
             log.eligible.append(elig)
             feats.append(_bridge_features(h, bridge, tower))
             if cfg.mode == "perturb":
-                scale = 1.0 + cfg.sigma * noise[b, : s.n] * mask.to(h.dtype)
-                out.append(Sample(h * scale[:, None], s.prompt, s.eligible, s.anchor))
+                rows = b * width + torch.arange(s.n, dtype=torch.int64)
+                noise = element_normal(noise_key(seed_t), element_offsets(rows, width, h.shape[-1], stride))
+                scale = 1.0 + cfg.sigma * noise * mask.to(h.dtype)[:, None]
+                out.append(Sample(h * scale, s.prompt, s.eligible, s.anchor))
             elif cfg.mode == "drop":
                 keep = ~mask & ~(s.prompt if replace_next else torch.zeros_like(mask))
                 out.append(Sample(h, s.prompt, s.eligible, s.anchor).select(keep))

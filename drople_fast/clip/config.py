@@ -38,7 +38,7 @@ class IWTDConfig:
     """Release defaults for ViT-B/16: vision layers 0-5, text layers 0-8, p in [0.1, 0.5].
 
     ``mode``: "off" (no IWTD), "perturb" (the release: selected tokens are
-    scaled by 1 + sigma * eps, nothing removed), "drop" (selected tokens are
+    scaled by 1 + sigma * eps, one eps per element, nothing removed), "drop" (selected tokens are
     removed by gather-compaction), "drop_fixed" (a fixed number of eligible
     tokens kept per sample: ``keep_ratio`` of them (a fraction in (0, 1],
     0.5 when neither is given) or ``keep_tokens`` of them (a count >= 1);

@@ -25,7 +25,7 @@ from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
 from ..ops.functional import IWTDOutput, compact_fixed, iwtd
-from ..ops.philox import token_normal
+from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
 
 BRIDGE_ATTR = "drople_bridge"
@@ -115,10 +115,9 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     if record is not None:
         record.out = out
     if cfg.mode == "perturb":
-        noise = token_normal(layer_seed.reshape(()), tokens.batch, tokens.length,
-                             row_stride=tokens.row_stride).to(tokens.x.dtype)
-        scale = 1.0 + cfg.sigma * noise * out.drop_mask.to(tokens.x.dtype)
-        tokens.x = tokens.x * scale[..., None]
+        # The release's noise: one normal per element of each selected token (one fused op).
+        tokens.x = perturb(tokens.x, out.drop_mask, noise_key(layer_seed), cfg.sigma, row_stride=tokens.row_stride,
+                           backend=cfg.backend)
         return tokens
     # Prompts are re-supplied by the next layer: remove them now rather than in a second gather.
     doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)

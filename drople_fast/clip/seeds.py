@@ -11,7 +11,7 @@ Key (64 bits, the Philox4x32-10 key words ``(key & 0xffffffff, key >> 32)``)::
     bits  0       tower    0 vision, 1 text
     bits  1..11   layer    block index of the tower (< 2048)
     bits 12..59   step     1-based count of that tower's training forwards with IWTD (< 2**48)
-    bits 60..63   purpose  ``drople_fast.ops.philox.PURPOSES``: 0 mask, 1 gumbel, 2/3 normal, 4/5 noise
+    bits 60..63   purpose  ``drople_fast.ops.philox.PURPOSES``: 0 mask, 1 gumbel, 4 noise
 
 * ``mix64`` is SplitMix64's output function, a bijection of the 64-bit
   integers, so the whole seed is used (seeds 0, 2**31 and 2**32 give
@@ -21,7 +21,7 @@ Key (64 bits, the Philox4x32-10 key words ``(key & 0xffffffff, key >> 32)``)::
   coincide, whatever the depth of the towers (up to 2048 layers, 2**48 steps).
 * The purpose field is the part the operator derives itself
   (:func:`drople_fast.ops.philox.stream`): ``iwtd`` receives the mask key,
-  ``compact_fixed`` XORs in "gumbel", perturb mode "normal_a"/"normal_b".
+  ``compact_fixed`` XORs in "gumbel", perturb mode "noise" (:func:`drople_fast.ops.noise.noise_key`).
 
 Counter (64 bits, one per draw within a key), see :func:`drople_fast.ops.philox.token_offsets`::
 

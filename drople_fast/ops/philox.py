@@ -33,10 +33,9 @@ PURPOSE_SHIFT = 60
 PURPOSES = {
     "mask": 0,  # the IWTD Bernoulli drop mask (all backends)
     "gumbel": 1,  # drop_fixed: Gumbel-top-k noise
-    "normal_a": 2,  # perturb mode: the two uniform streams of the Box-Muller normal
-    "normal_b": 3,
-    "noise_a": 4,  # per-element perturbation noise (reserved for the fused noise op)
-    "noise_b": 5,
+    # perturb mode's per-element normal noise (drople_fast.ops.noise): Box-Muller on words c0 and c1
+    # of one Philox call per element, as tl.randn does (2 and 3 were the retired per-token streams)
+    "noise": 4,
 }
 
 
@@ -57,6 +56,11 @@ def philox4x32(seed: torch.Tensor | int, counter: torch.Tensor) -> torch.Tensor:
     ``seed`` is a 64-bit key (int or int64 tensor broadcastable to ``counter``);
     ``counter`` an int64 tensor. Returns uint32 values held in int64.
     """
+    return philox4x32_words(seed, counter)[0]
+
+
+def philox4x32_words(seed: torch.Tensor | int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All four output words ``(c0, c1, c2, c3)`` of Philox4x32-10 (Triton's ``randint4x``)."""
     seed = torch.as_tensor(seed, dtype=torch.int64, device=counter.device)
     k0 = seed & MASK32
     k1 = (seed >> 32) & MASK32
@@ -70,7 +74,7 @@ def philox4x32(seed: torch.Tensor | int, counter: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + KEY_A) & MASK32
         k1 = (k1 + KEY_B) & MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def uniform_from_uint32(x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +137,3 @@ def gumbel_seed(seed: torch.Tensor | int) -> torch.Tensor | int:
     """The key of the fixed-budget (Gumbel-top-k) stream for a given IWTD seed."""
     return stream(seed, "gumbel")
 
-
-def token_normal(seed: torch.Tensor | int, batch: int, seq: int, device=None, row_stride: int = 0) -> torch.Tensor:
-    """Standard normal draws (B, S) by Box-Muller over two Philox streams (perturb-mode noise)."""
-    u1 = token_uniform(stream(seed, "normal_a"), batch, seq, device, row_stride).clamp(min=1e-7)
-    u2 = token_uniform(stream(seed, "normal_b"), batch, seq, device, row_stride)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
