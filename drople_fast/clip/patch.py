@@ -25,6 +25,7 @@ from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
 from ..ops.functional import IWTDOutput, compact_fixed, iwtd
+from ..ops.primitives import host_ints, keep_order
 from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
 
@@ -108,9 +109,11 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
         return tokens
     bridge_tokens, weight, bias = state.bridge.params_for(tower)
     layer_seed = seeds.layer_key(seed, layer)
+    # The patch builds the anchors itself (CLS, or EOS found once per forward): no per-layer value checks,
+    # which would each cost a device-to-host sync.
     out = iwtd(q, k, tokens.x, tokens.eligible & tokens.valid, bridge_tokens, weight, bias, tokens.anchor,
                valid=tokens.valid if tokens.padded else None, causal=causal, p_min=cfg.p_min, p_max=cfg.p_max,
-               seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride)
+               seed=layer_seed, backend=cfg.backend, row_stride=tokens.row_stride, check_values=False)
     state.features[tower][layer] = out  # bridge features are computed when bridge_features() asks
     if record is not None:
         record.out = out
@@ -122,20 +125,33 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     # Prompts are re-supplied by the next layer: remove them now rather than in a second gather.
     doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)
     if cfg.mode == "drop":
-        if not replace_next:  # the kernel's own compaction indices
-            return tokens.keep_index(out.keep_index)
-        return tokens.keep(out.valid & ~out.drop_mask & ~doomed, prompts_removed=True)
+        if not replace_next:  # the kernel's own compaction order and counts
+            order, count = out.keep_order, out.keep_count
+        else:
+            order, count = keep_order(out.valid & ~out.drop_mask & ~doomed)
+        if tokens.batch == 0:
+            return tokens
+        # The layer's one device-to-host sync: the new width, and the real-row count that lets the
+        # next layers run their per-token work on the kept rows without another sync.
+        width, total = host_ints(count.max(), count.sum())
+        return tokens.keep_index(order[:, :width], prompts_removed=replace_next, real=total)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
     out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)
     n_elig = _static_eligible(tokens, tower, replace_next)
-    if n_elig is None:  # only when the layout differs per sample; costs a host sync
+    static = n_elig is not None
+    if not static:  # only when the layout differs per sample (text without prompts); costs a host sync
         n_elig = int(out.eligible.sum(dim=1).max())
     budget = cfg.keep_count(n_elig) if n_elig > 0 else 0
     doomed_count = tokens.num_prompts if replace_next else 0
     num_always = tokens.length - n_elig - doomed_count
     index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed,
-                          row_stride=tokens.row_stride).index
-    return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded)
+                          row_stride=tokens.row_stride, check_values=False).index
+    # Every sample keeps all its valid non-eligible, non-doomed tokens and `budget` of its n_elig eligible
+    # ones, so the real-row count follows on the host when the layout is static (no sync).
+    real = None
+    if tokens.real is not None and static:
+        real = tokens.real - tokens.batch * (doomed_count + n_elig - budget)
+    return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded, real=real)
 
 
 def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional[int]:
@@ -148,6 +164,14 @@ def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional
     if tower == "text" and not tokens.free_eligible and not tokens.scattered:
         return tokens.num_prompts - doomed  # only the prompt tokens
     return None
+
+
+def _real_rows(tokens: Tokens) -> torch.Tensor:
+    """Flat indices (into B * S) of the valid rows; no host sync when their count is known."""
+    flat = tokens.valid.reshape(-1)
+    if tokens.real is None:
+        return flat.nonzero().squeeze(1)  # a host sync (its size is data-dependent)
+    return torch.nonzero_static(flat, size=tokens.real).squeeze(1)
 
 
 def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower: str, causal: bool,
@@ -170,7 +194,7 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
         rows = None
         if tokens.padded and not torch.compiler.is_compiling():
             if rows_of[0] is not tokens.valid:
-                rows_of = (tokens.valid, tokens.valid.reshape(-1).nonzero().squeeze(1))
+                rows_of = (tokens.valid, _real_rows(tokens))
             rows = rows_of[1]
         if i in layers:
             tokens.x, q, k = block_forward(block, tokens.x, mask, cfg.attention, return_qk=True, rows=rows)
@@ -250,9 +274,12 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     cast_dtype = owner.transformer.get_cast_dtype()
     eos = _eos_positions(text, pool_type, eos_id)
     full_length = text.shape[1]
-    if state.config.eos_trim and not torch.compiler.is_compiling():
-        # Causal attention: nothing after the last EOS can reach any pooled token.
-        text = text[:, : int(eos.max()) + 1]
+    real = None
+    if state.config.eos_trim and not torch.compiler.is_compiling() and text.shape[0] > 0:
+        # Causal attention: nothing after the last EOS can reach any pooled token. The forward's one
+        # host read before the blocks: the longest prompt and the number of real tokens together.
+        longest, real = host_ints(eos.max(), eos.sum() + text.shape[0])
+        text = text[:, : longest + 1]
     B, S = text.shape
     x = owner.token_embedding(text).to(cast_dtype) + owner.positional_embedding[:S].to(cast_dtype)
     positions = torch.arange(S, device=x.device)
@@ -264,7 +291,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     free = first is None
     eligible = valid & (positions[None, :] > 0) & (positions[None, :] < eos[:, None]) if free else \
         torch.zeros_like(valid)
-    tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx)
+    tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx, real=real)
     tokens.padded = True
     tokens.free_eligible = free
     tokens.trimmed = full_length - S

@@ -105,6 +105,7 @@ def iwtd(
     seed: Union[int, torch.Tensor] = 0,
     backend: Optional[str] = None,
     row_stride: int = 0,
+    check_values: bool = True,
 ) -> IWTDOutput:
     """Importance-weighted token dropout for one layer (docs/design.md §2).
 
@@ -115,7 +116,8 @@ def iwtd(
     ``causal``: text tower; ``seed``: int or int64 tensor; ``backend``: None
     (best usable), "reference", "cpp" or "triton"; ``row_stride``: Philox
     offsets are ``b * row_stride + j`` (0 means S; the text tower passes its
-    untrimmed width so EOS trimming does not change the draws).
+    untrimmed width so EOS trimming does not change the draws); ``check_values``: False
+    skips the anchor value checks (host syncs) for callers that built the anchors themselves.
 
     The mask is drawn with Philox at offset ``b * row_stride + j``, so every backend
     returns the same ``drop_mask`` for the same seed. A sample with a NaN or inf in
@@ -126,7 +128,7 @@ def iwtd(
     the bridge module.
     """
     check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, anchor_index, valid,
-                    p_min, p_max)
+                    p_min, p_max, check_values)
     B, _, S, _ = q.shape
     if isinstance(row_stride, bool) or not isinstance(row_stride, int) or not (row_stride == 0 or row_stride >= S):
         raise ValueError(f"row_stride must be 0 (meaning S) or an int >= S={S}, got {row_stride!r}")
@@ -165,13 +167,15 @@ def compact(hidden: torch.Tensor, out: IWTDOutput) -> Compacted:
 
 
 def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[int, torch.Tensor] = 0,
-                       row_stride: int = 0):
+                       row_stride: int = 0, check_values: bool = True):
     """(B, keep + num_always) positions: all valid non-eligible tokens plus exactly ``keep`` eligible ones.
 
     Eligible tokens are sampled without replacement in proportion to their keep
     probability ``1 - p`` (Gumbel-top-k on ``log(1 - p)`` with Philox noise on its
     own stream), so shapes are static for torch.compile and CUDA graphs.
     Positions are returned in original order; -1 where a sample has too few tokens.
+    ``check_values=False`` skips the check of ``num_always`` against the data (a host sync), for
+    callers that know it from the layout.
     """
     for name, value in (("keep", keep), ("num_always", num_always)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -189,7 +193,7 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
     rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
     always = out.valid & ~out.eligible
     kept = always | (out.eligible & (rank < keep))
-    if not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling():
         most = int(always.sum(dim=1).max()) if B else 0
         if most > num_always:
             raise ValueError(f"num_always={num_always} but a sample has {most} valid non-eligible tokens")
@@ -198,7 +202,7 @@ def fixed_budget_index(out: IWTDOutput, keep: int, num_always: int, seed: Union[
 
 
 def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: Optional[int] = None,
-                  seed: Union[int, torch.Tensor] = 0, row_stride: int = 0) -> Compacted:
+                  seed: Union[int, torch.Tensor] = 0, row_stride: int = 0, check_values: bool = True) -> Compacted:
     """Fixed-budget compaction: exactly ``keep`` eligible tokens per sample, static shapes.
 
     ``num_always`` is the number of valid non-eligible tokens per sample (the
@@ -207,5 +211,5 @@ def compact_fixed(hidden: torch.Tensor, out: IWTDOutput, keep: int, num_always: 
     """
     if num_always is None:
         num_always = int((out.valid & ~out.eligible).sum(dim=1).max())
-    index = fixed_budget_index(out, keep, num_always, seed, row_stride)
+    index = fixed_budget_index(out, keep, num_always, seed, row_stride, check_values)
     return Compacted(library.gather_tokens(hidden, index), index >= 0, index)

@@ -27,8 +27,13 @@ def check_probabilities(p_min: float, p_max: float) -> None:
 
 
 def check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, anchor_index, valid,
-                    p_min, p_max) -> None:
-    """Raise ValueError/TypeError for any malformed IWTD input."""
+                    p_min, p_max, check_values: bool = True) -> None:
+    """Raise ValueError/TypeError for any malformed IWTD input.
+
+    ``check_values=False`` skips the checks that read tensor values (anchor range, anchor on
+    padding): each is a device-to-host sync, so callers that build the anchors themselves
+    (the open_clip patch) skip them in the per-layer hot path.
+    """
     named = dict(q=q, k=k, hidden=hidden, eligible=eligible, bridge_tokens=bridge_tokens,
                  bridge_weight=bridge_weight, bridge_bias=bridge_bias)
     if valid is not None:
@@ -74,11 +79,11 @@ def check_iwtd_args(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in devices.items())
         raise ValueError(f"all IWTD tensors must be on one device, got {listing}")
-    _check_anchor(anchor_index, B, S, valid)
+    _check_anchor(anchor_index, B, S, valid, check_values)
     check_probabilities(p_min, p_max)
 
 
-def _check_anchor(anchor_index, B: int, S: int, valid=None) -> None:
+def _check_anchor(anchor_index, B: int, S: int, valid=None, check_values: bool = True) -> None:
     if isinstance(anchor_index, bool) or not isinstance(anchor_index, (int, torch.Tensor)):
         raise TypeError(f"anchor_index must be an int or an int64 tensor (B,), got {type(anchor_index).__name__}")
     if isinstance(anchor_index, int):
@@ -89,7 +94,7 @@ def _check_anchor(anchor_index, B: int, S: int, valid=None) -> None:
             raise TypeError(f"anchor_index must be an integer tensor, got dtype {anchor_index.dtype}")
         if anchor_index.shape != (B,):
             raise ValueError(f"anchor_index must have shape (B,) = ({B},), got {_shape(anchor_index)}")
-    if torch.compiler.is_compiling() or B == 0:  # value checks need a host sync, not wanted inside a graph
+    if not check_values or torch.compiler.is_compiling() or B == 0:  # value checks need a host sync
         return
     if isinstance(anchor_index, torch.Tensor):
         lo, hi = int(anchor_index.min()), int(anchor_index.max())
