@@ -4,10 +4,15 @@
 computes, with the block's own weights, but through
 ``scaled_dot_product_attention`` (or xformers on CUDA), with an optional
 key-padding/causal mask, and can hand back the layer's q and k for IWTD.
+Padding is skipped where possible: the text tower uses ``is_causal`` with no mask,
+and a padded batch runs packed variable-length attention on CUDA (torch's
+``varlen_attn`` or xformers' block-diagonal masks), padded SDPA elsewhere.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,41 +27,116 @@ def xformers_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def attention_mask(valid: Optional[torch.Tensor], causal: bool, S: int, device) -> Optional[torch.Tensor]:
-    """Bool (B, 1, S, S) mask, True where a query may attend to a key; None if nothing is masked."""
-    if valid is None and not causal:
-        return None
-    mask = torch.ones(1, 1, S, S, dtype=torch.bool, device=device)
-    if causal:
-        mask = mask.tril()
-    if valid is not None:
-        mask = mask & valid[:, None, None, :]
-    return mask
+@dataclass(frozen=True)
+class Layout:
+    """How one layer's attention sees the batch.
+
+    ``valid``: (B, S) bool, False for padding (None: no padding). Valid tokens are always a
+    prefix of each row (compaction keeps order, prompts go in at position 1), which is what
+    makes the cheaper paths below exact. ``causal``: the text tower. ``lengths``: the
+    per-sample valid lengths as host ints, when known without a sync (packed attention needs
+    them). ``rows``: flat indices (into B * S) of the valid rows.
+    """
+
+    valid: Optional[torch.Tensor] = None
+    causal: bool = False
+    lengths: Optional[tuple[int, ...]] = None
+    rows: Optional[torch.Tensor] = None
+
+    def padded_mask(self) -> Optional[torch.Tensor]:
+        """The SDPA mask of the padded path: None wherever ``is_causal`` alone is exact.
+
+        Text: every valid query's keys (k <= j) are valid because valid tokens are a prefix, so a
+        causal mask with no padding mask gives the same valid rows (and lets SDPA use flash, which
+        refuses explicit masks). Padded rows differ, but nothing reads them.
+        """
+        if self.valid is None or self.causal:
+            return None
+        return self.valid[:, None, None, :]
 
 
-def _xformers_attention(q, k, v, mask):
+def _xformers_attention(q, k, v, mask, causal: bool = False):
+    """Padded xformers attention: no bias, a causal bias object, or (unknown lengths only) a dense bias."""
     import xformers.ops as xops
 
     bias = None
     if mask is not None:
-        B, _, S, _ = mask.shape
+        B, S = q.shape[0], q.shape[2]
+        mask = mask & torch.ones(S, S, dtype=torch.bool, device=q.device).tril() if causal else mask
         # xformers wants the bias' last dimension padded to a multiple of 8.
         padded = (S + 7) // 8 * 8
         storage = q.new_zeros(B, q.shape[1], S, padded)
         bias = storage[..., :S]
         bias.masked_fill_(~mask.expand(B, q.shape[1], S, S), float("-inf"))
+    elif causal:
+        bias = xops.LowerTriangularMask()
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
     return out.transpose(1, 2)
 
 
-def attend(q, k, v, mask, kernel: str = "sdpa"):
-    """Softmax attention on (B, H, S, Dh) with a bool mask (True = attend)."""
+def attend(q, k, v, mask, kernel: str = "sdpa", causal: bool = False):
+    """Softmax attention on (B, H, S, Dh) with a bool mask (True = attend) and/or a causal mask."""
     if kernel == "xformers":
         reason = xformers_unavailable(q.device)
         if reason:
             raise ValueError(f"attention='xformers' cannot run here: {reason}; use attention='sdpa'")
-        return _xformers_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return _xformers_attention(q, k, v, mask, causal)
+    if causal and mask is not None:
+        mask = mask & torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+# --------------------------------------------------------------------------
+# packed (variable-length) attention over the valid rows only
+# --------------------------------------------------------------------------
+
+
+def _varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn where this torch has it (it is not in every torch >= 2.11)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The packed attention that runs here: "xformers" (block-diagonal masks), "varlen" (torch's flash
+    varlen kernel: CUDA, fp16/bf16) or None (the padded SDPA path, e.g. on the CPU)."""
+    if device.type != "cuda":
+        return None
+    if kernel == "xformers":
+        return "xformers"
+    if dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
+        return "varlen"
+    return None
+
+
+def _varlen_causal_kwargs(fn, causal: bool) -> dict:
+    if not causal:
+        return {}
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:  # torch >= 2.10: (-1, 0) is causal
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}  # the first releases of varlen_attn
+
+
+def packed_attention(kind: str, q, k, v, layout: Layout):
+    """Attention on packed rows (T, H, Dh) of sequences of ``layout.lengths`` (in order), (T, H, Dh) out."""
+    lengths = list(layout.lengths)
+    if kind == "xformers":
+        import xformers.ops as xops
+        from xformers.ops import fmha
+
+        mask_type = fmha.attn_bias.BlockDiagonalCausalMask if layout.causal else fmha.attn_bias.BlockDiagonalMask
+        bias = mask_type.from_seqlens(lengths, device=q.device)
+        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    fn = _varlen_attn()
+    # cumulative lengths from the device-side mask: no host-to-device copy in the hot path
+    cu = F.pad(layout.valid.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    longest = max(lengths)
+    return fn(q, k, v, cu, cu, longest, longest, **_varlen_causal_kwargs(fn, layout.causal))
 
 
 ADAPTER_ATTR = "_drople_lora"
@@ -86,33 +166,44 @@ def qkv(block, x: torch.Tensor):
     return q, k, v
 
 
-def block_forward(block, x: torch.Tensor, mask: Optional[torch.Tensor], kernel: str = "sdpa",
-                  return_qk: bool = False, rows: Optional[torch.Tensor] = None):
+def block_forward(block, x: torch.Tensor, layout: Optional[Layout] = None, kernel: str = "sdpa",
+                  return_qk: bool = False):
     """One open_clip ``ResidualAttentionBlock`` on (B, S, D); returns x or (x, q, k).
 
     Mirrors open_clip 3.3.0 ``ResidualAttentionBlock.forward`` (self-attention: ``x + ls_1(attn(ln_1(x)))``,
     then ``x + ls_2(mlp(ln_2(x)))``); differs in: q/k/v are projected with ``attn.in_proj_weight`` directly
     (plus an attached adapter's term, see :func:`in_proj`) and attended by SDPA / xformers with a bool
     mask instead of ``nn.MultiheadAttention`` with a float mask (same math; open_clip's attention has
-    no dropout), q and k can be handed back for IWTD, and ``rows`` (below) skips padded rows.
+    no dropout), q and k can be handed back for IWTD, and ``layout`` (below) skips padding.
 
-    ``rows``: flat indices (into B * S) of the real tokens of a padded batch. Every
-    per-token layer (projections, MLP: most of the FLOPs) then runs on those rows
-    only and just the attention sees the padded layout; padded rows come out zero.
+    With ``layout.rows`` (a padded batch) every per-token layer (projections, MLP: most of the
+    FLOPs) runs on the valid rows only, and padded rows come out zero. The attention then runs
+    on the packed rows too where a packed kernel exists and the lengths are known
+    (:func:`packed_kernel`), else on the padded layout with SDPA.
     """
-    if rows is None:
+    layout = layout if layout is not None else Layout()
+    if layout.rows is None:
         q, k, v = qkv(block, x)
-        out = _attention_out(block, attend(q, k, v, mask, kernel))
+        out = _attention_out(block, attend(q, k, v, layout.padded_mask(), kernel, layout.causal))
         x = x + block.ls_1(out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return (x, q, k) if return_qk else x
     B, S, D = x.shape
+    H = block.attn.num_heads
+    rows = layout.rows
     real = x.reshape(B * S, D).index_select(0, rows)
     packed = in_proj(block.attn, block.ln_1(real))
-    padded = packed.new_zeros(B * S, 3 * D).index_copy(0, rows, packed)
-    H = block.attn.num_heads
-    q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
-    attended = attend(q, k, v, mask, kernel).transpose(1, 2).reshape(B * S, D).index_select(0, rows)
+    kind = packed_kernel(kernel, x.device, packed.dtype) if layout.lengths is not None else None
+    q = k = None
+    if kind is not None:
+        pq, pk, pv = packed.view(-1, 3, H, D // H).unbind(1)
+        attended = packed_attention(kind, pq, pk, pv, layout).reshape(-1, D)
+    if kind is None or return_qk:  # the padded layout: for SDPA, or for IWTD's (B, H, S, Dh) q and k
+        padded = packed.new_zeros(B * S, 3 * D).index_copy(0, rows, packed)
+        q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+    if kind is None:
+        out = attend(q, k, v, layout.padded_mask(), kernel, layout.causal)
+        attended = out.transpose(1, 2).reshape(B * S, D).index_select(0, rows)
     real = real + block.ls_1(F.linear(attended, block.attn.out_proj.weight, block.attn.out_proj.bias))
     real = real + block.ls_2(block.mlp(block.ln_2(real)))
     x = real.new_zeros(B * S, D).index_copy(0, rows, real).view(B, S, D)

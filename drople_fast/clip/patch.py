@@ -20,12 +20,12 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from .attention import attention_mask, block_forward, check_block, xformers_unavailable
+from .attention import Layout, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
 from ..ops.functional import IWTDOutput, compact_fixed, iwtd
-from ..ops.primitives import host_ints, keep_order
+from ..ops.primitives import keep_order
 from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
 
@@ -129,12 +129,10 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
             order, count = out.keep_order, out.keep_count
         else:
             order, count = keep_order(out.valid & ~out.drop_mask & ~doomed)
-        if tokens.batch == 0:
-            return tokens
-        # The layer's one device-to-host sync: the new width, and the real-row count that lets the
-        # next layers run their per-token work on the kept rows without another sync.
-        width, total = host_ints(count.max(), count.sum())
-        return tokens.keep_index(order[:, :width], prompts_removed=replace_next, real=total)
+        # The layer's one device-to-host sync: the kept counts, which give the new width and let the
+        # next layers run their per-token work on the kept rows (and packed attention) without another.
+        lengths = tuple(count.tolist())
+        return tokens.keep_index(order[:, : max(lengths, default=0)], prompts_removed=replace_next, lengths=lengths)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes
     out = out._replace(valid=out.valid & ~doomed, eligible=out.eligible & ~doomed)
     n_elig = _static_eligible(tokens, tower, replace_next)
@@ -147,11 +145,9 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     index = compact_fixed(tokens.x, out, keep=budget, num_always=num_always, seed=layer_seed,
                           row_stride=tokens.row_stride, check_values=False).index
     # Every sample keeps all its valid non-eligible, non-doomed tokens and `budget` of its n_elig eligible
-    # ones, so the real-row count follows on the host when the layout is static (no sync).
-    real = None
-    if tokens.real is not None and static:
-        real = tokens.real - tokens.batch * (doomed_count + n_elig - budget)
-    return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded, real=real)
+    # ones, so the lengths follow on the host when the layout is static (no sync).
+    lengths = tokens._shifted(-(doomed_count + n_elig - budget)) if static else None
+    return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded, lengths=lengths)
 
 
 def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional[int]:
@@ -188,7 +184,6 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
         if upcoming is not None and i > 0:
             tokens = tokens.with_prompts(upcoming)
         upcoming = prompts_at(i + 1) if i + 1 < len(blocks) else None
-        mask = attention_mask(tokens.valid if tokens.padded else None, causal, tokens.length, tokens.x.device)
         # Padded batches run their per-token layers on the real rows only (static shapes stay padded
         # while compiling: the row count is data-dependent).
         rows = None
@@ -196,11 +191,13 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
             if rows_of[0] is not tokens.valid:
                 rows_of = (tokens.valid, _real_rows(tokens))
             rows = rows_of[1]
+        layout = Layout(valid=tokens.valid if tokens.padded else None, causal=causal, lengths=tokens.lengths,
+                        rows=rows)
         if i in layers:
-            tokens.x, q, k = block_forward(block, tokens.x, mask, cfg.attention, return_qk=True, rows=rows)
+            tokens.x, q, k = block_forward(block, tokens.x, layout, cfg.attention, return_qk=True)
             tokens = _iwtd_step(state, tokens, q, k, tower, i, seed, causal, upcoming is not None)
         else:
-            tokens.x = block_forward(block, tokens.x, mask, cfg.attention, rows=rows)
+            tokens.x = block_forward(block, tokens.x, layout, cfg.attention)
     return tokens
 
 
@@ -274,12 +271,12 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     cast_dtype = owner.transformer.get_cast_dtype()
     eos = _eos_positions(text, pool_type, eos_id)
     full_length = text.shape[1]
-    real = None
-    if state.config.eos_trim and not torch.compiler.is_compiling() and text.shape[0] > 0:
+    lengths = None
+    if state.config.eos_trim and not torch.compiler.is_compiling():
         # Causal attention: nothing after the last EOS can reach any pooled token. The forward's one
-        # host read before the blocks: the longest prompt and the number of real tokens together.
-        longest, real = host_ints(eos.max(), eos.sum() + text.shape[0])
-        text = text[:, : longest + 1]
+        # host read before the blocks: every prompt's length (the longest gives the trimmed width).
+        lengths = tuple((eos + 1).tolist())
+        text = text[:, : max(lengths, default=1)]
     B, S = text.shape
     x = owner.token_embedding(text).to(cast_dtype) + owner.positional_embedding[:S].to(cast_dtype)
     positions = torch.arange(S, device=x.device)
@@ -291,7 +288,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     free = first is None
     eligible = valid & (positions[None, :] > 0) & (positions[None, :] < eos[:, None]) if free else \
         torch.zeros_like(valid)
-    tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx, real=real)
+    tokens = start(x, eligible, eos, valid=valid, prompt=placeholder.expand(B, S), num_prompts=n_ctx, lengths=lengths)
     tokens.padded = True
     tokens.free_eligible = free
     tokens.trimmed = full_length - S

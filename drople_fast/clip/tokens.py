@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..ops import library
-from ..ops.primitives import host_ints, keep_order
+from ..ops.primitives import keep_order
 
 
 @dataclass
@@ -32,9 +32,19 @@ class Tokens:
     # the untrimmed row stride so trimming never changes them. A data-dependent compaction
     # gives both the same width, which ends the difference.
     trimmed: int = 0
-    # Number of valid rows (sum of ``valid``) when known on the host without a sync: carried from the
-    # one count the layer read anyway, so running per-token layers on the real rows needs no extra sync.
-    real: Optional[int] = None
+    # Per-sample valid lengths when known on the host without a sync (valid rows are always a prefix:
+    # compaction keeps order and prompts go in at 1). Carried from the one count a "drop" layer reads
+    # anyway, so the per-token layers run on the real rows, and packed attention gets its sequence
+    # lengths, without another sync.
+    lengths: Optional[tuple[int, ...]] = None
+
+    @property
+    def real(self) -> Optional[int]:
+        """Number of valid rows, if known on the host."""
+        return None if self.lengths is None else sum(self.lengths)
+
+    def _shifted(self, n: int) -> Optional[tuple[int, ...]]:
+        return None if self.lengths is None else tuple(length + n for length in self.lengths)
 
     @property
     def row_stride(self) -> int:
@@ -49,12 +59,13 @@ class Tokens:
     def length(self) -> int:
         return self.x.shape[1]
 
-    def gather(self, index: torch.Tensor, prompts_removed: bool, padded: bool, real: Optional[int] = None) -> "Tokens":
+    def gather(self, index: torch.Tensor, prompts_removed: bool, padded: bool,
+               lengths: Optional[tuple[int, ...]] = None) -> "Tokens":
         """Keep the positions in ``index`` (B, K), -1 = padding; flags follow their tokens.
 
         ``prompts_removed``: the index drops every prompt; otherwise the surviving
-        prompts may now sit at different positions per sample. ``real``: the number of
-        entries >= 0 in ``index`` if the caller knows it (else unknown).
+        prompts may now sit at different positions per sample. ``lengths``: the number of
+        entries >= 0 in each row of ``index`` if the caller knows them (else unknown).
         """
         ok = index >= 0
         safe = index.clamp(min=0)
@@ -63,22 +74,21 @@ class Tokens:
         scattered = not prompts_removed and (self.num_prompts > 0 or self.scattered)
         return replace(self, x=library.gather_tokens(self.x, index), valid=pick(self.valid), prompt=pick(self.prompt),
                        eligible=pick(self.eligible), anchor=anchor, padded=self.padded or padded,
-                       num_prompts=0, scattered=scattered, real=real)
+                       num_prompts=0, scattered=scattered, lengths=lengths)
 
     def keep(self, keep: torch.Tensor, prompts_removed: bool = False) -> "Tokens":
         """Keep the positions where ``keep`` (B, S) is True (data-dependent width, so padded).
 
-        One host sync: the widest and the total kept count are read together.
+        One host sync: the kept counts of all samples are read together.
         """
         order, count = keep_order(keep)
-        if self.batch == 0:
-            return self.keep_index(order[:, :0], prompts_removed, real=0)
-        width, total = host_ints(count.max(), count.sum())
-        return self.keep_index(order[:, :width], prompts_removed, real=total)
+        lengths = tuple(count.tolist())
+        return self.keep_index(order[:, : max(lengths, default=0)], prompts_removed, lengths=lengths)
 
-    def keep_index(self, index: torch.Tensor, prompts_removed: bool = False, real: Optional[int] = None) -> "Tokens":
+    def keep_index(self, index: torch.Tensor, prompts_removed: bool = False,
+                   lengths: Optional[tuple[int, ...]] = None) -> "Tokens":
         """Gather a compaction index whose width is the largest kept count (trimmed or not alike)."""
-        return replace(self.gather(index, prompts_removed, padded=True, real=real), trimmed=0)
+        return replace(self.gather(index, prompts_removed, padded=True, lengths=lengths), trimmed=0)
 
     def without_prompts(self) -> "Tokens":
         """Remove the prompt tokens (before the next layer supplies its own)."""
@@ -88,9 +98,8 @@ class Tokens:
             n = self.num_prompts
             cut = lambda t: torch.cat([t[:, :1], t[:, 1 + n:]], dim=1)  # noqa: E731
             anchor = torch.where(self.anchor > 0, self.anchor - n, self.anchor)
-            real = None if self.real is None else self.real - self.batch * n
             return replace(self, x=cut(self.x), valid=cut(self.valid), prompt=cut(self.prompt),
-                           eligible=cut(self.eligible), anchor=anchor, num_prompts=0, real=real)
+                           eligible=cut(self.eligible), anchor=anchor, num_prompts=0, lengths=self._shifted(-n))
         return self.keep(self.valid & ~self.prompt, prompts_removed=True)
 
     def with_prompts(self, prompts: torch.Tensor) -> "Tokens":
@@ -103,14 +112,15 @@ class Tokens:
         anchor = torch.where(base.anchor > 0, base.anchor + n, base.anchor)
         return replace(base, x=join(base.x, prompts), valid=join(base.valid, flag(True)),
                        prompt=join(base.prompt, flag(True)), eligible=join(base.eligible, flag(True)),
-                       anchor=anchor, num_prompts=n, real=None if base.real is None else base.real + B * n)
+                       anchor=anchor, num_prompts=n, lengths=base._shifted(n))
 
 
 def start(x: torch.Tensor, eligible: torch.Tensor, anchor: torch.Tensor, valid: Optional[torch.Tensor] = None,
-          prompt: Optional[torch.Tensor] = None, num_prompts: int = 0, real: Optional[int] = None) -> Tokens:
-    """``real``: the number of valid tokens if ``valid`` is given and the caller knows it."""
+          prompt: Optional[torch.Tensor] = None, num_prompts: int = 0,
+          lengths: Optional[tuple[int, ...]] = None) -> Tokens:
+    """``lengths``: the per-sample valid lengths if ``valid`` is given and the caller knows them."""
     B, S, _ = x.shape
     full = torch.ones(B, S, dtype=torch.bool, device=x.device)
     return Tokens(x=x, valid=full if valid is None else valid, prompt=torch.zeros_like(full) if prompt is None else prompt,
                   eligible=eligible.expand(B, S), anchor=anchor, num_prompts=num_prompts,
-                  padded=valid is not None, real=B * S if valid is None else real)
+                  padded=valid is not None, lengths=(S,) * B if valid is None else lengths)

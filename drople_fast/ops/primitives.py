@@ -49,7 +49,3 @@ def keep_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.where(torch.gather(keep, 1, order), torch.gather(positions, 1, order), -1)
     return order, keep.sum(dim=1)
 
-
-def host_ints(*values: torch.Tensor) -> list[int]:
-    """Several 0-d integer tensors read on the host in ONE device-to-host copy (one sync, not one each)."""
-    return torch.stack([v.reshape(()).to(torch.int64) for v in values]).tolist()
