@@ -163,7 +163,7 @@ def test_bf16_gradients_match_fp32():
     # does not depend on the (precision-dependent) scores, so the two runs compute the same function.
     grads = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        learner = _learner("drop_fixed", "cpp", keep=1.0)
+        learner = _learner("drop_fixed", "cpp", keep_ratio=1.0)
         terms = _step(learner, dtype)
         grads[name] = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
         assert torch.isfinite(terms["total"])
