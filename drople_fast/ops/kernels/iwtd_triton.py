@@ -292,6 +292,32 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
+_NUM_WARPS, _NUM_STAGES = 4, 2
+
+
+def _blocks(S, H, Dh, M, D) -> dict:
+    """Block sizes of the launch (shared with :func:`aot_configs`, so the AOT check compiles what runs)."""
+    BLOCK_S = _pow2(S)
+    BLOCK_M = _pow2(M)
+    return dict(BLOCK_S=BLOCK_S, BLOCK_Q=min(64, BLOCK_S), BLOCK_K=min(64, BLOCK_S), BLOCK_DH=_pow2(Dh),
+                BLOCK_H=_pow2(H, lo=2), BLOCK_M=BLOCK_M, BLOCK_T=min(64, BLOCK_S),
+                BLOCK_D=min(64 if BLOCK_M <= 64 else 32, _pow2(D)))
+
+
+def aot_configs(point, cc: int) -> list:
+    """The launch configuration of :func:`iwtd_triton_launch` for a matrix point (see ops/aot.py)."""
+    from .registry import KernelConfig, signature_for
+
+    consts = dict(CAUSAL=point.causal, DOT_FP32=point.dtype == "fp32",
+                  **_blocks(point.S, point.H, point.Dh, point.M, point.D))
+    fn = _iwtd_fused_kernel
+    ptrs = dict(q_ptr=point.dtype, k_ptr=point.dtype, h_ptr=point.dtype, elig_ptr="u8", valid_ptr="u8",
+                anchor_ptr="i64", folded_ptr="fp32", shift_ptr="fp32", seed_ptr="i64", imp_ptr="fp32",
+                prob_ptr="fp32", mask_ptr="u8", count_ptr="i64", order_ptr="i64", scratch_ptr="fp32")
+    sig = signature_for(fn, ptrs, consts, floats=("sm_scale", "p_max", "p_range", "inv_h"))
+    return [KernelConfig("iwtd_fused", fn, sig, tuple(consts.items()), _NUM_WARPS, _NUM_STAGES)]
+
+
 def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, causal, p_min, p_max, seed,
                        row_stride=0):
     """Allocate outputs and launch :func:`_iwtd_fused_kernel` once (grid = (B,))."""
@@ -320,13 +346,8 @@ def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, cau
     if B == 0:
         return importance, drop_prob, drop_mask, keep_count, keep_order
 
-    BLOCK_S = _pow2(S)
-    BLOCK_Q = BLOCK_K = min(64, BLOCK_S)
-    BLOCK_T = min(64, BLOCK_S)
-    BLOCK_DH = _pow2(Dh)
-    BLOCK_M = _pow2(M)
-    BLOCK_D = min(64 if BLOCK_M <= 64 else 32, _pow2(D))
-    BLOCK_H = _pow2(H, lo=2)
+    blocks = _blocks(S, H, Dh, M, D)
+    BLOCK_S, BLOCK_M = blocks["BLOCK_S"], blocks["BLOCK_M"]
     scratch = torch.empty(B, (3 + BLOCK_M) * BLOCK_S, dtype=torch.float32, device=device)
     dot_fp32 = _interpreting() or q.dtype == torch.float32
     p_range = float(p_max) - float(p_min)  # double, rounded once to fp32, as in the reference
@@ -341,9 +362,7 @@ def iwtd_triton_launch(q, k, hidden, eligible, valid, anchor, folded, shift, cau
         folded.stride(0),
         1.0 / (Dh ** 0.5), float(p_max), p_range, 1.0 / H,
         CAUSAL=bool(causal), DOT_FP32=dot_fp32,
-        BLOCK_S=BLOCK_S, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, BLOCK_DH=BLOCK_DH,
-        BLOCK_H=BLOCK_H, BLOCK_M=BLOCK_M, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=2,
+        **blocks, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     return importance, drop_prob, drop_mask, keep_count, keep_order
 
