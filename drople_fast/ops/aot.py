@@ -98,7 +98,9 @@ def count_tensor_core_sass(sass: str) -> int:
 
 def _attrs(config: KernelConfig) -> dict:
     # torch allocations are 16-byte aligned and Triton specialises on it at launch: do the same.
-    return {(i,): [["tt.divisibility", 16]] for i, (_, ty) in enumerate(config.signature) if ty.startswith("*")}
+    # Int arguments: as the launch would specialise them for this matrix point (registry.divisible_ints).
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(config.signature)
+            if ty.startswith("*") or name in config.divisible}
 
 
 def compile_one(config: KernelConfig, cc: int) -> dict:
@@ -146,7 +148,9 @@ def compile_one(config: KernelConfig, cc: int) -> dict:
 
 
 def _compile_job(job):
-    config, cc = job
+    # Jobs travel to worker processes as (point, cc, kernel name): @triton.jit functions do not pickle.
+    point, cc, name = job
+    config = next(c for c in configs_for(point, cc) if c.name == name)
     return compile_one(config, cc)
 
 
@@ -164,7 +168,7 @@ def run_checks(points: list[MatrixPoint], archs: list[int], kernel_filter: str =
                progress=None) -> list[Result]:
     todo = collect(points, archs, kernel_filter)
     results = [Result(config.name, cc, config.describe(), len(pts), str(pts[0])) for config, cc, pts in todo]
-    jobs_list = [(config, cc) for config, cc, _ in todo]
+    jobs_list = [(pts[0], cc, config.name) for config, cc, pts in todo]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             outcomes = pool.map(_compile_job, jobs_list)
@@ -226,6 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="parallel compiler processes")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     parser.add_argument("--quiet", action="store_true", help="only the summary (and failures/spills)")
+    parser.add_argument("--progress", action="store_true", help="a line on stderr per compiled configuration")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # kernels imported from here on are compilable JITFunctions
     try:
@@ -238,7 +243,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"aot: cannot check: {err}", file=sys.stderr)
         return 2
     points = quick_matrix() if args.quick else full_matrix()
-    results = run_checks(points, archs, args.kernel, jobs=args.jobs)
+    done = []
+
+    def progress(r: Result) -> None:
+        done.append(r)
+        if args.progress:
+            print(f"[{len(done)}] sm_{r.cc} {r.kernel} {r.registers} regs "
+                  f"{'FAIL' if not r.ok else 'SPILL' if r.spills else 'ok'} ({r.seconds:.1f}s)", file=sys.stderr,
+                  flush=True)
+
+    results = run_checks(points, archs, args.kernel, jobs=args.jobs, progress=progress)
     if not results:
         print(f"aot: no kernel matches --kernel {args.kernel!r}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ BACKENDS: dict[str, Backend] = {
     ),
     "triton": Backend(
         "triton", _triton_devices(), FLOAT_DTYPES, _triton_fn, _triton_unavailable,
-        note="fused Triton kernel, one launch per layer",
+        note="Triton: scores, bridge GEMM and epilogue kernels, three deterministic launches per layer",
     ),
 }
 

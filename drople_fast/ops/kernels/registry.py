@@ -46,11 +46,20 @@ class KernelConfig:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     num_stages: int
+    divisible: tuple = ()  # int args the runtime would specialise as multiples of 16 (see signature_for)
 
     def describe(self) -> str:
         consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
         ptrs = sorted({t[1:] for _, t in self.signature if t.startswith("*")} - {"u8", "i64", "i32"})
         return f"{consts} w={self.num_warps} st={self.num_stages} ptr={'/'.join(ptrs)}"
+
+
+def divisible_ints(fn, values: dict) -> tuple:
+    """Int arguments that Triton's launcher would specialise as multiples of 16 for these ``values``
+    (every int argument not in the kernel's ``do_not_specialize`` whose value is a multiple of 16):
+    what lets it vectorise loads along a row, so the AOT check must assume it exactly when a launch does."""
+    skip = set(getattr(fn, "do_not_specialize", ()) or ())
+    return tuple(name for name, value in values.items() if name not in skip and int(value) % 16 == 0)
 
 
 def signature_for(fn, pointer_types: dict, constexprs: dict, floats=(), int64=()) -> tuple:
