@@ -59,7 +59,11 @@ def _fake_compile(outcome):
                                             ({"ok": False, "error": "CompilationError: boom"}, 1)])
 def test_exit_status(monkeypatch, capsys, outcome, status):
     monkeypatch.setattr(aot, "compile_one", _fake_compile(outcome))
+    env = dict(os.environ)
     assert aot.main(["--quick", "--arch", "90", "--jobs", "1"]) == status
+    # in-process, the checker leaves the environment alone (it once dropped TRITON_INTERPRET for
+    # every test after it, so the Triton tests ran without the interpreter)
+    assert dict(os.environ) == env
     out = capsys.readouterr().out
     assert ("SPILL" in out or "FAIL" in out) == bool(status)
 

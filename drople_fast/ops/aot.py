@@ -232,7 +232,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="only the summary (and failures/spills)")
     parser.add_argument("--progress", action="store_true", help="a line on stderr per compiled configuration")
     args = parser.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)  # kernels imported from here on are compilable JITFunctions
     try:
         archs = [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
@@ -269,4 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # Kernels imported from here on are compilable JITFunctions. Only as a program: main() called
+    # in-process (tests) must not change the environment of everything that runs after it.
+    os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(main())
