@@ -1,0 +1,151 @@
+"""The full DroPLe training step on a ViT-B/16 CLIP, per IWTD mode and precision (pytest-benchmark).
+
+    python -m pytest bench/bench_learner_step.py --benchmark-only --benchmark-json=bench/results/learner_step.json
+    python bench/report_learner_step.py bench/results/learner_step.json     # Markdown table + CSV
+
+One step is what ``drople-fast train`` runs per batch: the DroPLe learner
+(drople_fast.training.learner.DroPLe, every default the release's: deep text
+prompts over all classes, deep visual prompts, LoRA on vision layers 6-11, the
+bridge) forward over the image batch and the class prompts, the frozen teacher,
+every loss term, backward and an AdamW step. Batch 4 (the release's few-shot
+batch; BENCH_BATCH overrides), 24 and 100 classes, random ViT-B/16 weights
+(the weights do not change the cost), torch's default thread count.
+
+Cases (``case`` = mode / precision / teacher):
+
+* mode: ``off``, ``perturb`` (the release's IWTD), ``drop``, ``drop_fixed`` (keep 0.5 after layer 0);
+* precision: ``fp32``, or ``bf16`` autocast (CPU: ``torch.autocast("cpu")``, CUDA: ``"cuda"``);
+* teacher: ``recomputed`` -- the frozen teacher's image forward runs every step, as the release
+  does -- or ``cached`` -- its features are computed once per training image (the learner's
+  ``teacher_features`` argument, what the trainer's teacher cache feeds it).
+
+The baseline of every ratio is ``perturb / fp32 / recomputed`` (the release's recipe and cost)
+at the same class count, measured in the same run.
+
+After the timed rounds, one untimed breakdown per case times the parts of a step on their own
+(median of 3 each): the student text tower over all class prompts (forward + backward), the
+student image tower (forward + backward), the teacher's image forward; ``rest`` = step minus
+those parts (losses and bridge alignment, their backward, the optimizer).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from drople_fast.clip.config import IWTDConfig
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BATCH = int(os.environ.get("BENCH_BATCH", 4))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
+WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
+CLASS_COUNTS = [int(c) for c in os.environ.get("BENCH_CLASSES", "24,100").split(",")]
+BASELINE = ("perturb", "fp32", "recomputed")
+
+CASES = [(mode, precision, "cached") for mode in ("off", "perturb", "drop", "drop_fixed")
+         for precision in ("fp32", "bf16")] + [BASELINE, ("drop", "bf16", "recomputed")]
+
+# 100 class names of mixed lengths (CIFAR-100's): the text tower's width follows the longest prompt.
+CLASSNAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+
+def _iwtd_config(mode: str) -> IWTDConfig:
+    if mode == "drop_fixed":
+        return IWTDConfig(mode=mode, keep_ratio=0.5, vision_layers=[0])
+    return IWTDConfig(mode=mode)
+
+
+def _autocast(precision: str):
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def base_clip():
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.create_model("ViT-B-16", pretrained=None).to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, 224, 224, generator=g).to(DEVICE)
+    return images, g
+
+
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+@pytest.mark.parametrize("mode,precision,teacher", CASES, ids=["/".join(c) for c in CASES])
+def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, teacher):
+    from drople_fast.training.learner import DroPLe
+
+    images, g = batch
+    labels = torch.randint(0, classes, (BATCH,), generator=g).to(DEVICE)
+    torch.manual_seed(1)
+    learner = DroPLe(copy.deepcopy(base_clip), CLASSNAMES[:classes], iwtd=_iwtd_config(mode)).to(DEVICE)
+    learner.train()
+    params = [p for _, p in learner.trainable_named_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    learner.teacher_text_features()  # once per class list in training too
+    cached = learner.teacher_image_features(images) if teacher == "cached" else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(precision):
+            _, terms = learner(images, labels, epoch=1, total_epochs=20, teacher_features=cached)
+        terms["total"].backward()
+        optimizer.step()
+        _sync()
+
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+
+    def text_part():
+        with _autocast(precision):
+            out = learner.text_features()
+        out.sum().backward()
+
+    def image_part():
+        with _autocast(precision):
+            out = learner.image_features(images)
+        out.sum().backward()
+
+    def teacher_part():
+        with _autocast(precision):
+            learner.teacher_image_features(images)
+
+    parts = dict(text_s=_median_time(text_part), image_s=_median_time(image_part),
+                 teacher_s=_median_time(teacher_part) if teacher == "recomputed" else 0.0)
+    optimizer.zero_grad(set_to_none=True)
+    benchmark.extra_info.update(
+        kind="learner_step", mode=mode, precision=precision, teacher=teacher, classes=classes, batch=BATCH,
+        device=DEVICE.type, device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else
+        f"{os.uname().machine} ({os.cpu_count()} cores)", threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), loadavg=os.getloadavg()[0], **parts)

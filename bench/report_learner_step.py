@@ -1,0 +1,95 @@
+"""Turn the pytest-benchmark JSON of bench/bench_learner_step.py into a Markdown table and a CSV.
+
+    python bench/report_learner_step.py bench/results/learner_step.json [--out bench/results]
+
+Per (classes, mode, precision, teacher): the median step time, images per second, the speedup
+against ``perturb / fp32 / recomputed`` at the same class count (the release's recipe and cost,
+same run) and the untimed breakdown of the step (text tower, image tower, teacher, rest).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+BASELINE = ("perturb", "fp32", "recomputed")
+# The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
+GOALS = ((24, ("drop", "bf16", "cached"), 3.0), (100, ("drop", "bf16", "cached"), 2.0))
+FIELDS = ["classes", "mode", "precision", "teacher", "batch", "median_s", "min_s", "rounds", "images_per_s",
+          "speedup", "text_s", "image_s", "teacher_s", "rest_s", "device", "device_name", "threads",
+          "cpu_capability", "loadavg"]
+
+
+def rows_from(data: dict) -> list[dict]:
+    rows = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") != "learner_step":
+            continue
+        stats = b["stats"]
+        row = {k: info.get(k) for k in FIELDS if k in info}
+        row.update(median_s=stats["median"], min_s=stats["min"], rounds=stats["rounds"],
+                   images_per_s=info["batch"] / stats["median"])
+        row["rest_s"] = stats["median"] - info["text_s"] - info["image_s"] - info["teacher_s"]
+        rows.append(row)
+    for classes in {r["classes"] for r in rows}:
+        group = [r for r in rows if r["classes"] == classes]
+        base = next((r for r in group if (r["mode"], r["precision"], r["teacher"]) == BASELINE), None)
+        for r in group:
+            r["speedup"] = base["median_s"] / r["median_s"] if base else float("nan")
+    rows.sort(key=lambda r: (r["classes"], r["teacher"] != "recomputed", r["mode"], r["precision"]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    first = rows[0]
+    lines = [f"Device: {first['device']} -- {first['device_name']}, torch threads {first['threads']}, "
+             f"CPU capability {first.get('cpu_capability')}; batch {first['batch']}, median of "
+             f"{first['rounds']} rounds; load average {min(r['loadavg'] for r in rows):.1f}-"
+             f"{max(r['loadavg'] for r in rows):.1f}", ""]
+    lines.append("| classes | mode | precision | teacher | step s (median / min) | img/s | speedup vs perturb fp32 "
+                 "recomputed | text tower s | image tower s | teacher s | rest s |")
+    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lines.append(f"| {r['classes']} | {r['mode']} | {r['precision']} | {r['teacher']} | "
+                     f"{r['median_s']:.2f} / {r['min_s']:.2f} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['text_s']:.2f} | {r['image_s']:.2f} | {r['teacher_s']:.2f} | {r['rest_s']:.2f} |")
+    by = {(r["classes"], r["mode"], r["precision"], r["teacher"]): r for r in rows}
+    notes = []
+    for classes, case, factor in GOALS:
+        r = by.get((classes, *case))
+        if r is not None:
+            met = "met" if r["speedup"] >= factor else "not met"
+            notes.append(f"{classes} classes, {'/'.join(case)}: {r['speedup']:.2f}x (goal >= {factor:g}x, {met})")
+    if notes:
+        lines += ["", "Goals: " + "; ".join(notes) + "."]
+    lines += ["", "*rest* = step minus the separately timed text tower (fwd + bwd over all class prompts), "
+                  "image tower (fwd + bwd) and teacher image forward: losses, bridge alignment, their backward "
+                  "and the optimizer step."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        rows = rows_from(json.load(f))
+    if not rows:
+        sys.exit(f"{args.json}: no bench_learner_step results in it")
+    os.makedirs(args.out, exist_ok=True)
+    text = markdown(rows)
+    with open(os.path.join(args.out, "learner_step.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "learner_step.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
