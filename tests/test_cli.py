@@ -144,3 +144,18 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
     history = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     # 2 base classes x 4 shots = 8 images = 2 ranks x batch 2 x 2 steps per epoch
     assert [h["images"] for h in history] == [8, 8]
+
+
+def test_sigma_option_reaches_the_config(tmp_path, capsys):
+    # --sigma is how a command-line user turns perturb mode's noise off (the release's --noise_injection_sigma 0)
+    from drople_fast.clip.config import IWTDConfig
+    from drople_fast.training.cli import _config, build_parser
+
+    base = ["train", "--dataset", "Synthetic", "--root", str(tmp_path), "--output-dir", str(tmp_path / "run")]
+    args = build_parser().parse_args(base)
+    assert _config(args, args.dataset, args.seed, args.output_dir, False).iwtd.sigma == IWTDConfig().sigma
+    args = build_parser().parse_args(base + ["--mode", "perturb", "--sigma", "0"])
+    cfg = _config(args, args.dataset, args.seed, args.output_dir, False)
+    assert (cfg.iwtd.mode, cfg.iwtd.sigma) == ("perturb", 0.0)
+    assert "sigma" in _error(capsys, base + ["--mode", "perturb", "--sigma", "-0.1"])
+    assert not (tmp_path / "run").exists()

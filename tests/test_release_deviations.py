@@ -248,6 +248,39 @@ def test_padding_changes_the_releases_features_not_ours():
 
 
 # --------------------------------------------------------------------------
+# noise disabled: perturb mode with sigma 0 is the release with --noise_injection_sigma 0
+# --------------------------------------------------------------------------
+
+
+def test_sigma_zero_turns_only_the_noise_off():
+    """The release returns the hidden states unchanged when sigma <= 0 (release/utils/token_importance.py:141),
+    after its scores and bridge features are computed (release/models/drople.py:670-680, 779-787): with
+    sigma 0 our perturb mode leaves every feature as mode "off" does and still gives probabilities,
+    bridge features and the alignment loss."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0])
+    feats = {}
+    for name, mode, sigma in (("off", "off", 0.03), ("quiet", "perturb", 0.0), ("noisy", "perturb", 0.03)):
+        learner = make(EQUAL, mode=mode, sigma=sigma)
+        text, steps = text_forward(learner)
+        with torch.no_grad():
+            image = learner.clip.encode_image(images)
+        feats[name] = (text.detach(), image, steps)
+        if name == "quiet":
+            _, terms = learner(images, labels, epoch=0, total_epochs=2)
+            assert float(terms["align"].detach()) > 0 and torch.isfinite(terms["total"].detach())
+    torch.testing.assert_close(feats["quiet"][0], feats["off"][0], rtol=0, atol=0)
+    torch.testing.assert_close(feats["quiet"][1], feats["off"][1], rtol=0, atol=0)
+    steps = feats["quiet"][2]
+    n = 4
+    assert all(torch.all(s.out.drop_prob[:, 1:1 + n] > 0) for s in steps.values())
+    assert sum(int(s.out.drop_mask.sum()) for s in steps.values()) > 0  # tokens were selected, not scaled
+    # the same selections with sigma 0.03 do move the features, so the comparison above can fail
+    assert not torch.allclose(feats["noisy"][0], feats["off"][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats["noisy"][1], feats["off"][1], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
 # 3. exact entropy: the release's 1e-5 inside the log is negligible
 # --------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class IWTDConfig:
     tokens kept per sample: ``keep_ratio`` of them (a fraction in (0, 1],
     0.5 when neither is given) or ``keep_tokens`` of them (a count >= 1);
     give at most one, and only with drop_fixed).
+    ``sigma``: perturb mode's noise std (the release's 0.03); 0 disables the noise, as the release's
+    ``--noise_injection_sigma 0`` does, leaving every other computation of the mode in place.
     ``seed``: any 64-bit integer (see :mod:`drople_fast.clip.seeds`).
     Every field is validated here, so a bad value fails at construction,
     not at the first forward.

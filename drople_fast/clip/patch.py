@@ -118,9 +118,12 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     if record is not None:
         record.out = out
     if cfg.mode == "perturb":
-        # The release's noise: one normal per element of each selected token (one fused op).
-        tokens.x = perturb(tokens.x, out.drop_mask, noise_key(layer_seed), cfg.sigma, row_stride=tokens.row_stride,
-                           backend=cfg.backend)
+        # The release's noise: one normal per element of each selected token (one fused op). sigma 0 turns it
+        # off, as the release's early return does (release/utils/token_importance.py:141); the scores,
+        # probabilities and bridge features above are still produced.
+        if cfg.sigma > 0:
+            tokens.x = perturb(tokens.x, out.drop_mask, noise_key(layer_seed), cfg.sigma,
+                               row_stride=tokens.row_stride, backend=cfg.backend)
         return tokens
     # Prompts are re-supplied by the next layer: remove them now rather than in a second gather.
     doomed = tokens.prompt if replace_next else torch.zeros_like(tokens.prompt)

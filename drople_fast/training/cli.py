@@ -54,6 +54,10 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     keep.add_argument("--keep-tokens", type=int, default=None, help="drop_fixed only: eligible tokens kept")
     p.add_argument("--p-min", type=float, default=iwtd.p_min)
     p.add_argument("--p-max", type=float, default=iwtd.p_max)
+    p.add_argument("--sigma", type=float, default=iwtd.sigma,
+                   help="perturb mode: std of the per-element multiplicative noise 1 + sigma * eps; 0 disables "
+                        "the noise (the release's --noise_injection_sigma 0) while scores, drop probabilities and "
+                        "bridge features are still computed")
     p.add_argument("--descriptions", default=None, help="optional JSON of class descriptions (never required)")
     p.add_argument("--targets", nargs="*", default=None, help="cross_dataset/dg test datasets")
     p.add_argument("--imbalance", type=float, default=None,
@@ -71,8 +75,8 @@ def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
     from ..clip.config import IWTDConfig
     from .trainer import TrainConfig
 
-    iwtd = IWTDConfig(mode=args.mode, p_min=args.p_min, p_max=args.p_max, keep_ratio=args.keep_ratio,
-                      keep_tokens=args.keep_tokens)
+    iwtd = IWTDConfig(mode=args.mode, p_min=args.p_min, p_max=args.p_max, sigma=args.sigma,
+                      keep_ratio=args.keep_ratio, keep_tokens=args.keep_tokens)
     optional = {k: v for k, v in (("imbalance", args.imbalance),) if v is not None}
     return TrainConfig(dataset=dataset, root=args.root, protocol=args.protocol, shots=args.shots, seed=seed,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
