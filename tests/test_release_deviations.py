@@ -5,7 +5,7 @@ release/<file>:<line>; the release is never imported) and run next to drople_fas
 (a) what the release computes, (b) what drople_fast computes, (c) the property that motivates ours.
 
 * SOS as a perturbation target: the release's text targets are positions [0, 1 + n_ctx)
-  (release/models/drople.py:689-694), SOS included; ours are the context tokens only.
+  (release/models/drople.py:694-699), SOS included; ours are the context tokens only.
 * Padding as content: the release scores every position but the last one and pools the bridge over
   all positions (release/utils/token_importance.py:22-27, release/utils/multimodal_alignment.py:66-86),
   padding included, so a class's drop probabilities and bridge features depend on how long the
@@ -101,7 +101,7 @@ def release_text_iwtd(attn, hidden, bridge, n_ctx, p_min, p_max):
     span[span == 0] = 1.0
     full = torch.full((B, S), 0.5)
     full[:, :-1] = (importance - lo) / span
-    # drople.py:689-694: mask 2 = positions [0, 1 + n_ctx): SOS and the context
+    # drople.py:694-699: mask 2 = positions [0, 1 + n_ctx): SOS and the context
     target = torch.zeros(S, dtype=torch.bool)
     target[0:1 + n_ctx] = True
     prob = torch.where(target[None], p_max - full * (p_max - p_min), torch.zeros_like(full))
@@ -111,7 +111,7 @@ def release_text_iwtd(attn, hidden, bridge, n_ctx, p_min, p_max):
 def release_layer0(learner, classname, width):
     """The release's text layer 0 for one class prompt padded to ``width`` (the batch's longest prompt).
 
-    Layout (release/models/drople.py:139-176, 629-636, with no LLM tokens): the processor pads with
+    Layout (release/models/drople.py:140-176, 629-636, with no LLM tokens): the processor pads with
     its pad token (<|endoftext|> for CLIP) and masks the padding; the sample's own EOS is masked too and
     a copy of its embedding goes last, unmasked. Positions 1..n_ctx hold the layer-0 context (the
     release's parameter is token + position embedding; ours adds the position at use, same input).
@@ -128,7 +128,7 @@ def release_layer0(learner, classname, width):
         emb[1:1 + n] = learner.text_ctx[0] + clip.positional_embedding[1:1 + n]
         emb[-1] = emb[eos]  # drople.py:635: the EOS (its embedding at eos_loc) appended last
         keep = torch.ones(width, dtype=torch.bool)
-        keep[eos:width - 1] = False  # drople.py:158-173: padding and the moved EOS are masked keys
+        keep[eos:width - 1] = False  # drople.py:140-142, 161, 173: padding and the moved EOS are masked keys
         x = emb[None]
         block = clip.transformer.resblocks[0]
         H = block.attn.num_heads
@@ -167,7 +167,7 @@ def test_sos_is_never_a_target_the_release_perturbs_it():
             assert torch.all(out.drop_prob[:, 0] == 0) and not out.drop_mask[:, 0].any()
             ctx_selected += int(out.drop_mask[:, 1:1 + n].sum())
             draws += out.drop_mask.shape[0]
-            # (a) the release: targets [0, 1 + n_ctx) (release/models/drople.py:689-694) with
+            # (a) the release: targets [0, 1 + n_ctx) (release/models/drople.py:694-699) with
             # p = p_max - norm(I) (p_max - p_min) (release/utils/token_importance.py:99-113, 182-183), I
             # being the same score as ours here (SOS is content in both). Its SOS probability:
             content = out.valid & (torch.arange(S)[None] != rec.tokens.anchor[:, None])
@@ -336,7 +336,7 @@ def test_exact_entropy_differs_from_the_releases_by_less_than_the_bound(C):
         lam = residual_lambda(epoch, 5, w.lambda0)
         # (b) ours: the real loss code, exact entropy
         h_txt, h_vis = residual_entropy(img_f, img_d, txt_f, txt_d, scale, lam)
-        # (a) the release: Demix with its epsilon (release/models/drople.py:909-913)
+        # (a) the release: Demix with its epsilon (release/models/drople.py:907-914)
         r_txt = release_demix(txt_d, txt_f, lam, image_features=img_f, logit_scale=scale)
         r_vis = release_demix(img_d, img_f, lam, text_features=txt_f, logit_scale=scale)
         for ours, rel in ((h_txt, r_txt), (h_vis, r_vis)):
