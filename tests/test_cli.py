@@ -101,7 +101,7 @@ def test_bad_inputs_exit_2_without_complete_run(data_root, tmp_path, capsys):
     assert "checkpoint.pt" in _error(capsys, ["train", "--dataset", "Synthetic", "--root", data_root,
                                               "--output-dir", str(good), "--resume", *FAST])
     assert not (good / "metrics.json").exists()
-    # a checkpoint of another architecture (LoRA) for a learner without it
+    # a checkpoint of another architecture (LoRA rank 2) for a learner with the default rank 8
     other = tmp_path / "other"
     assert main(["train", "--dataset", "Synthetic", "--root", data_root, "--output-dir", str(other),
                  "--lora-rank", "2", *FAST]) == 0
@@ -110,7 +110,7 @@ def test_bad_inputs_exit_2_without_complete_run(data_root, tmp_path, capsys):
     os.replace(other / "checkpoint.pt", good / "checkpoint.pt")
     assert "does not match" in _error(capsys, ["eval", str(good), "--checkpoint", str(good / "checkpoint.pt"),
                                                "--no-progress"])
-    assert cfg["lora_rank"] == 0
+    assert cfg["lora_rank"] == 8
 
 
 def test_subprocess_error_is_one_line(data_root, tmp_path):

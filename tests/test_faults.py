@@ -460,7 +460,7 @@ def test_eval_refuses_a_config_that_does_not_describe_the_checkpoint(finished, t
     saved = json.loads((run / "config.json").read_text())
     saved["lora_rank"] = 3  # config.json of another run beside this checkpoint
     (run / "config.json").write_text(json.dumps(saved))
-    assert_main_error(capsys, ["eval", str(run), "--no-progress", "--device", "cpu"], "lora_rank: 0 -> 3")
+    assert_main_error(capsys, ["eval", str(run), "--no-progress", "--device", "cpu"], "lora_rank: 8 -> 3")
 
 
 @pytest.mark.parametrize("content,fragment", [("{", "not valid JSON"), ("[]", "expected a JSON object"),

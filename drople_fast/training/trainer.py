@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,7 @@ from . import run_dir as rd
 from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
 from .report import to_markdown
+from .learner import LORA_RANK
 
 CHECKPOINT = rd.CHECKPOINT
 load_checkpoint = rd.load_checkpoint
@@ -46,7 +48,7 @@ class NonFiniteError(ValueError):
 
 _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "text_depth", "vision_depth",
                "num_workers", "eval_batch_size")
-_FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "warmup_epochs", "imbalance", "crop_scale_min")
+_FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
 _BOOL_FIELDS = ("randaugment", "bf16", "resume", "progress")
 _STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device")
 _OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
@@ -74,11 +76,10 @@ class TrainConfig:
     lr: float = 2e-4
     lora_lr: float = 2e-5
     weight_decay: float = 5e-5
-    warmup_epochs: float = 0.0
     model: str = "tiny"
     pretrained: Optional[str] = None
     iwtd: Any = field(default_factory=IWTDConfig)
-    lora_rank: int = 0
+    lora_rank: int = LORA_RANK  # on, as launched (release/scripts/launch/launch.sh:42); 0 turns LoRA off
     n_ctx: int = 4
     text_depth: int = 9
     vision_depth: int = 6
@@ -121,7 +122,7 @@ class TrainConfig:
         if not self.lr > 0 or self.lora_lr < 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and lora_lr, weight_decay >= 0, got lr={self.lr}, "
                              f"lora_lr={self.lora_lr}, weight_decay={self.weight_decay}")
-        for name in ("num_workers", "lora_rank", "warmup_epochs"):
+        for name in ("num_workers", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -288,14 +289,35 @@ def _set_rng_state(state: Dict, loader_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
+# The release's learning-rate floors (release/train_drople.py:243): 1e-5 for the prompts' group,
+# max(lora_lr / lr * 1e-5, 5e-6) for LoRA's.
+MIN_LR, LORA_MIN_LR = 1e-5, 5e-6
+
+
+def release_lr_lambda(min_lr: float, base_lr: float, num_warmup_steps: int, num_training_steps: int,
+                      num_cycles: float = 0.5):
+    """The release's ``get_cosine_schedule_lambda_with_warmup`` (release/train_drople.py:40-47): linear
+    warm-up, then a half cosine, both floored at ``min_lr / base_lr`` (a group with lr 0 stays at 0)."""
+    floor = min_lr / base_lr if base_lr > 0 else 0.0
+
     def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if step < num_warmup_steps:
+            return max(floor, float(step) / float(max(1, num_warmup_steps)))
+        progress = float(step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+        return max(floor, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
 
     return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The release's LambdaLR over ``optimizer``'s groups [prompts, LoRA?] (release/train_drople.py:239-254):
+    one warm-up step, ``max(epochs, 20) + 1`` steps in all, each group floored at its own min lr.
+    :func:`train_one_epoch` steps it as the release does: once a tenth into epoch 0, once after every epoch."""
+    groups = optimizer.param_groups
+    lr = groups[0]["lr"]
+    min_lrs = [MIN_LR] + [max(g["lr"] / lr * MIN_LR, LORA_MIN_LR) for g in groups[1:]]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        release_lr_lambda(m, g["lr"], 1, max(epochs, 20) + 1) for m, g in zip(min_lrs, groups)])
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -441,7 +463,7 @@ class TrainingSetup:
 
 def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, world: int = 1,
                    rank: int = 0) -> TrainingSetup:
-    """Learner, seeded data loader, AdamW (LoRA at its own lr) and the cosine schedule for ``plan``."""
+    """Learner, seeded data loader, AdamW (LoRA at its own lr) and the release's schedule for ``plan``."""
     from .data import ImageDataset, train_transform
 
     learner = make_learner(cfg, clip, plan.train_classnames, rank).to(device)
@@ -458,19 +480,24 @@ def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, wor
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                          num_workers=cfg.num_workers, drop_last=drop_last, generator=gen,
                                          worker_init_fn=_worker_init, persistent_workers=False)
+    # The release's two groups (release/train_drople.py:94-112): LoRA at lora_lr, everything else trainable
+    # (prompts, bridge, logit scale) at lr, both with the weight decay; AdamW with betas (0.9, 0.999)
+    # (release/flags.py:78) and torch's eps (train_drople.py:225-227, torch.optim.AdamW).
     lora = [p for n, p in learner.trainable_named_parameters() if n.startswith("lora.")]
     rest = [p for n, p in learner.trainable_named_parameters() if not n.startswith("lora.")]
     groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": lora, "lr": cfg.lora_lr}] if lora else [])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(steps_per_epoch * cfg.epochs, int(round(cfg.warmup_epochs * steps_per_epoch))))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.epochs)
     return TrainingSetup(learner, loader, sampler, gen, optimizer, scheduler, image_size)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
                     world: int = 1) -> Tuple[Dict[str, float], int, int]:
     """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
+
+    As the release's ``train`` (release/train_drople.py:363-384): the scheduler steps once before batch
+    ``len(loader) // 10`` of epoch 0 (ending its one-step warm-up) and once after the epoch; the learner
+    gets the integer ``epoch`` for the residual-entropy λ (``current_epoch=epoch``, :375).
 
     Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
     already copied to the host for the running sums: no extra synchronisation).
@@ -479,13 +506,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
     n_batches = n_images = 0
     steps = len(loader)
     for step, (images, labels) in enumerate(loader):
+        if epoch == 0 and step == steps // 10:
+            with warnings.catch_warnings():
+                # With < 10 batches this precedes the first optimizer step, as in the release; torch's warning
+                # that the schedule's first value is skipped is then exactly the release's behaviour.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
         images, labels = images.to(device), labels.to(device)
         with _autocast(device, bf16):
-            _, terms = model(images, labels, epoch + step / steps, epochs)
+            _, terms = model(images, labels, epoch, epochs)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
-        scheduler.step()
         for k, v in terms.items():
             value = float(v.detach())
             if not math.isfinite(value):
@@ -494,6 +526,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
             sums[k] = sums.get(k, 0.0) + value
         n_batches += 1
         n_images += labels.numel() * world
+    scheduler.step()
     return sums, n_batches, n_images
 
 
