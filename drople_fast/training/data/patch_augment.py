@@ -133,13 +133,13 @@ def sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
     h, w = x.shape[2], x.shape[3]
     if h < 3 or w < 3:
         return x
-    xi = x.int()
-    s = 4 * xi[:, :, 1:-1, 1:-1]
-    for dy in range(3):
-        for dx in range(3):
-            s = s + xi[:, :, dy:h - 2 + dy, dx:w - 2 + dx]
-    smooth = torch.div(2 * s + 13, 26, rounding_mode="floor").float()
-    inner = smooth + torch.tensor(factor, dtype=torch.float32) * (x[:, :, 1:-1, 1:-1].float() - smooth)
+    xf = x.float()
+    # the integer window sum (at most 13 * 255: exact in float32) as a separable 3x3 box plus 4 x centre
+    rows = xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]
+    s = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] + 4 * xf[:, :, 1:-1, 1:-1]
+    # round(s / 13) = floor((2s + 13) / 26); the quotient is never within 1/26 of an integer
+    smooth = torch.floor((2 * s + 13) / 26)
+    inner = smooth + torch.tensor(factor, dtype=torch.float32) * (xf[:, :, 1:-1, 1:-1] - smooth)
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = (inner.to(torch.int32) & 255).to(torch.uint8)
     return out
@@ -189,7 +189,7 @@ def apply_patch_ops(patches: torch.Tensor, choices: torch.Tensor, ops: Sequence[
             idx = (choices[:, n] == k).nonzero().flatten()
             if idx.numel():
                 x = x.clone() if x is patches else x
-                x[idx] = FUNCTIONS[name](x[idx], factor)
+                x.index_copy_(0, idx, FUNCTIONS[name](x.index_select(0, idx), factor))
     return x
 
 
