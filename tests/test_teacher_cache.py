@@ -285,3 +285,15 @@ def test_ddp_same_result_with_and_without_cache(data_root, tmp_path):
     assert os.listdir(os.path.join(data_root, "split_fewshot", tc.FOLDER))  # <root>/split_fewshot: the default
     for k in ckpts[False]["learner"]:
         assert torch.equal(ckpts[False]["learner"][k], ckpts[True]["learner"][k]), k
+
+
+def test_cli_options(tmp_path):
+    from drople_fast.training import cli
+
+    base = ["train", "--dataset", "Synthetic", "--root", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    args = cli.build_parser().parse_args(base)
+    cfg = cli._config(args, args.dataset, args.seed, args.output_dir, False)
+    assert cfg.augment == "patch" and cfg.teacher_cache
+    args = cli.build_parser().parse_args(base + ["--augment", "crop_flip", "--no-teacher-cache"])
+    cfg = cli._config(args, args.dataset, args.seed, args.output_dir, False)
+    assert cfg.augment == "crop_flip" and not cfg.teacher_cache
