@@ -5,7 +5,6 @@ The release is never imported; the behaviour it pins is described next to each t
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
