@@ -119,6 +119,22 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, record.label
 
 
+class TrainImageDataset(ImageDataset):
+    """Training items, as dicts: ``"image"`` (the student's view), ``"label"``, ``"index"`` (the
+    record's position, the key of :class:`drople_fast.training.teacher_cache.TeacherImageCache`) and,
+    when the transform returns a (student, teacher) pair, ``"teacher_image"`` (the teacher's view)."""
+
+    def __getitem__(self, index: int) -> Dict:
+        record = self.records[index]
+        views = self.transform(load_image(record.path))
+        item = {"label": record.label, "index": index}
+        if isinstance(views, tuple):
+            item["image"], item["teacher_image"] = views
+        else:
+            item["image"] = views
+        return item
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image as RGB; a missing or unreadable file is named in the error."""
     if not os.path.isfile(path):
