@@ -213,3 +213,43 @@ def test_bad_arguments():
         pa.PatchRandAugment(ops=("Rotate",))
     with pytest.raises(ValueError, match="uint8"):
         pa.PatchRandAugment()(torch.zeros(3, 16, 16))
+
+
+# --------------------------------------------------------------------------
+# the PIL reference the release names
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AutoContrast", "Equalize"])
+def test_autocontrast_equalize_per_patch_match_pil(name):
+    # release/data/randaugment.py:10-12 and :43-47 say their AutoContrast / Equalize give "same output
+    # as PIL.ImageOps.autocontrast / equalize"; the vectorised per-patch versions match PIL on every patch
+    from PIL import Image, ImageOps
+
+    pil_op = {"AutoContrast": ImageOps.autocontrast, "Equalize": ImageOps.equalize}[name]
+    x = patches_np(64, seed=7)
+    ours = to_np(pa.FUNCTIONS[name](to_t(x), pa.enhance_factor(7)))
+    for i, p in enumerate(x):
+        assert np.array_equal(ours[i], np.asarray(pil_op(Image.fromarray(p)))), i
+
+
+def test_whole_image_autocontrast_equalize_match_a_pil_patch_loop():
+    # release/data/randaugment.py:338-368 run with only AutoContrast and Equalize: every 16x16 patch of a
+    # 224x224 image gets its own 2 draws, and the result equals PIL's ops applied patch by patch
+    from PIL import Image, ImageOps
+
+    ops = ("AutoContrast", "Equalize")
+    rng = np.random.default_rng(4)
+    img = (rng.integers(0, 64, (224, 224, 3)) + np.linspace(0, 180, 224)[:, None, None]).astype(np.uint8)
+    out = pa.PatchRandAugment(ops=ops)(torch.from_numpy(img).permute(2, 0, 1).contiguous(),
+                                       generator=torch.Generator().manual_seed(9))
+    choices = pa.sample_ops(196, 2, 2, torch.Generator().manual_seed(9)).tolist()
+    pil = {"AutoContrast": ImageOps.autocontrast, "Equalize": ImageOps.equalize}
+    want = img.copy()
+    for p, (y, x) in enumerate((y, x) for y in range(0, 224, 16) for x in range(0, 224, 16)):
+        patch = Image.fromarray(want[y:y + 16, x:x + 16].copy())
+        for k in choices[p]:
+            patch = pil[ops[k]](patch)
+        want[y:y + 16, x:x + 16] = np.asarray(patch)
+    assert len({tuple(c) for c in choices}) == 4  # all four (op, op) pairs occur: independent draws
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), want)

@@ -80,14 +80,14 @@ def test_release_augmentation_is_the_default():
 def test_views_are_resize_center_crop_and_teacher_gets_the_clean_image(data_root):
     # release/data/meta_dataset.py:70-92: the train transforms are Resize(224, bicubic) + CenterCrop(224)
     # (no random crop, no flip), the patch augmentation on top for the second one; :201-208 returns
-    # [clean, augmented]; release/models/drople.py:823,840-845 gives the clean one (img) to the frozen
+    # [clean, augmented]; release/models/drople.py:825,848-851,869 gives the clean one (img) to the frozen
     # CLIP and the augmented one (img2) to the student. The clean view is the evaluation transform
     # (release/data/meta_dataset.py:95-101 is the same pipeline).
     from drople_fast.training.data import get_dataset
 
     path = get_dataset("Synthetic", data_root).train[0].path
     pil = load_image(path)
-    views = train_views("patch", 32, with_clean=True)
+    views = train_views("patch", 32)
     torch.manual_seed(3)
     student, clean = views(pil)
     assert torch.equal(clean, eval_transform(32)(pil))
@@ -97,6 +97,39 @@ def test_views_are_resize_center_crop_and_teacher_gets_the_clean_image(data_root
     assert not torch.equal(student, clean)
     # no randomness in the geometry: the clean view never changes
     assert torch.equal(views(pil)[1], clean)
+
+
+def test_training_items_are_student_teacher_label_index(data_root, tmp_path):
+    # release/data/meta_dataset.py:201-208 returns [img_1 (clean), img_2 (augmented), label]; ours adds the
+    # record's index, the teacher cache's key
+    cfg = config(data_root, tmp_path / "run")
+    plan, setup = setup_for(cfg)
+    clean = eval_transform(setup.image_size)
+    student, teacher, label, index = setup.loader.dataset[5]
+    assert index == 5 and label == plan.train_records[5].label
+    assert torch.equal(teacher, clean(load_image(plan.train_records[5].path)))
+    assert student.shape == teacher.shape and not torch.equal(student, teacher)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_reproducible_from_its_seed(data_root, tmp_path, workers):
+    # the patch augmentation draws from torch's RNG, seeded per worker from the loader's generator
+    def first_batches(seed):
+        cfg = config(data_root, tmp_path / f"run{seed}", seed=seed, num_workers=workers)
+        _, setup = setup_for(cfg)
+        return [b[0] for b in setup.loader]
+
+    a, b, c = first_batches(1), first_batches(1), first_batches(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_ddp_chunks_cover_every_record_once():
+    # each rank computes every world-th chunk of the training batch size; together they cover the list
+    for n, chunk, world in [(8, 2, 2), (9, 2, 2), (7, 3, 4), (2, 2, 3)]:
+        got = sorted(i for r in range(world) for c in tc._chunks(n, chunk, world, r) for i in c)
+        assert got == list(range(n))
+        assert all(len(c) == chunk for r in range(world) for c in tc._chunks(n, chunk, world, r)[:-1])
 
 
 def test_train_loop_feeds_the_teacher_the_clean_image(data_root, tmp_path, monkeypatch):
@@ -111,7 +144,7 @@ def test_train_loop_feeds_the_teacher_the_clean_image(data_root, tmp_path, monke
 
         def __iter__(self):
             for batch in setup.loader:
-                order.append(batch["index"].clone())
+                order.append(batch[3].clone())  # (student, teacher, label, index)
                 yield batch
 
     loader = Recording()
@@ -126,7 +159,8 @@ def test_train_loop_feeds_the_teacher_the_clean_image(data_root, tmp_path, monke
 def test_former_augmentation_still_gives_the_teacher_the_student_image(data_root, tmp_path, monkeypatch):
     cfg = config(data_root, tmp_path / "run", augment="randaugment", crop_scale_min=0.5)
     plan, setup = setup_for(cfg)
-    assert setup.teacher_cache is None and "teacher_image" not in next(iter(setup.loader))
+    student, teacher, _, _ = next(iter(setup.loader))
+    assert setup.teacher_cache is None and torch.equal(student, teacher)
     with pytest.raises(ValueError, match="crop_scale_min only applies"):
         config(data_root, tmp_path / "x", crop_scale_min=0.5)
     with pytest.raises(ValueError, match="augment must be one of"):
@@ -141,7 +175,6 @@ def test_former_augmentation_still_gives_the_teacher_the_student_image(data_root
 def test_cache_runs_the_teacher_once_per_image(data_root, tmp_path, monkeypatch):
     cfg = config(data_root, tmp_path / "run")
     plan, setup = setup_for(cfg)
-    assert "teacher_image" not in next(iter(setup.loader))  # the loader no longer makes the clean view
     counter = CountTeacher(monkeypatch)
     cache = build_teacher_cache(cfg, plan, setup, torch.device("cpu"))
     n = len(plan.train_records)
@@ -268,8 +301,8 @@ def _free_port():
 
 @pytest.mark.slow
 def test_ddp_same_result_with_and_without_cache(data_root, tmp_path):
-    # rank 0 writes the cache file, rank 1 reads it after the barrier; both ranks look up their own
-    # shard by dataset index
+    # each rank computes half of the chunks, an all-gather gives both the whole table (the sampler deals
+    # the images out anew every epoch), rank 0 writes the file; each rank looks up its batches by index
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT_DIR)
     ckpts = {}
     for flag in ([], ["--no-teacher-cache"]):

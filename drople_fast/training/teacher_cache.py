@@ -2,7 +2,7 @@
 
 With the release's augmentation the teacher sees the clean image, i.e. the evaluation
 preprocessing of the training image (release/data/meta_dataset.py:70-92, 201-208;
-release/models/drople.py:840-843), and the teacher is frozen, so its image features are a function
+release/models/drople.py:848-851), and the teacher is frozen, so its image features are a function
 of (teacher weights, preprocessing, image) alone. :func:`build_teacher_cache` computes them once
 for the whole training list (before the first epoch) and the train loop looks them up by the
 dataset index instead of running the teacher's image forward every step.
@@ -22,6 +22,17 @@ autocast state, chunk size, torch and drople_fast versions) and the images (path
 ns, in order); a file is never served for another key. It is written atomically
 (:mod:`drople_fast.training.fileio`) and holds the SHA-256 of its feature bytes; a file that does
 not load, has another key or shape, or fails its checksum is reported, recomputed and replaced.
+
+Precision: the features are computed under the autocast the training step uses (the trainer
+passes its own autocast context, and the autocast dtype is part of the key) and kept as the
+float32 unit vectors :meth:`DroPLe.teacher_image_features` returns, i.e. exactly what the teacher
+gives inside a (bf16) training step of the same batch size.
+
+DDP: the distributed sampler deals the images out to the ranks anew every epoch, so every rank
+holds the whole (N, E) table; each rank computes every ``world``-th chunk and an all-gather
+shares them (or every rank reads the same valid file). Resume: the table is rebuilt (from the
+file when it is valid) and never checkpointed; building it draws nothing from the global RNG or
+the training loader's generator, so a resumed run's random draws are unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Callable, ContextManager, Dict, Optional, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 
@@ -124,48 +135,88 @@ def _read(path: str, key: str, count: int) -> torch.Tensor:
     return feats
 
 
+def _chunks(n: int, chunk: int, world: int, rank: int) -> List[List[int]]:
+    """The record indices of the chunks ``rank`` computes: chunk k holds records
+    ``[k * chunk, (k + 1) * chunk)`` and belongs to rank ``k % world``."""
+    return [list(range(k * chunk, min(n, (k + 1) * chunk))) for k in range(rank, -(-n // chunk), world)]
+
+
 @torch.no_grad()
 def compute_teacher_features(learner, paths: Sequence[str], image_size: int, device: torch.device, chunk: int,
-                             autocast: Callable[[], ContextManager], num_workers: int = 0) -> torch.Tensor:
-    """(N, E) float32 teacher features of the clean views, on the CPU, in chunks of exactly ``chunk``
-    images (the last one padded; see the module docstring)."""
+                             autocast: Callable[[], ContextManager], num_workers: int = 0, world: int = 1,
+                             rank: int = 0) -> torch.Tensor:
+    """(N, E) float32 teacher features of the clean views on ``device``, computed in chunks of
+    exactly ``chunk`` images (the last one padded by repeating its last image; see the module
+    docstring). Under DDP (``world`` > 1, a process group initialised) each rank computes every
+    ``world``-th chunk and an all-gather gives every rank the whole table."""
     from .data import ImageDataset, Record, eval_transform
 
-    dataset = ImageDataset([Record(p, 0, "") for p in paths], eval_transform(image_size))
+    n = len(paths)
+    dim = int(learner.clip.visual.output_dim)
+    mine = _chunks(n, chunk, world, rank)
+    # each chunk padded to ``chunk`` images, so every loader batch is one chunk of the training batch shape
+    padded = [i for c in mine for i in c + [c[-1]] * (chunk - len(c))]
+    dataset = ImageDataset([Record(paths[i], 0, "") for i in padded], eval_transform(image_size))
     # a private generator: building the cache must not move the global RNG the training run draws from
     loader = torch.utils.data.DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=num_workers,
                                          generator=torch.Generator().manual_seed(0))
-    out = []
-    for images, _ in loader:
-        n = images.shape[0]
-        if n < chunk:
-            images = torch.cat([images, images[-1:].expand(chunk - n, *images.shape[1:])])
+    # every rank sends the same number of chunks to the all-gather: ceil(chunks / world)
+    per_rank = -(-(-(-n // chunk)) // world)
+    local = torch.zeros(per_rank, chunk, dim, dtype=torch.float32, device=device)
+    for j, (images, _) in enumerate(loader):
         with autocast():
-            out.append(learner.teacher_image_features(images.to(device))[:n].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+            local[j] = learner.teacher_image_features(images.to(device)).float()
+    if world == 1:
+        parts = [local]
+    else:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+    out = torch.empty(n, dim, dtype=torch.float32, device=device)
+    for k in range(-(-n // chunk)):
+        rows = min(n, (k + 1) * chunk) - k * chunk
+        out[k * chunk:k * chunk + rows] = parts[k % world][k // world, :rows]
+    return out
+
+
+def _agree(ok: bool, device: torch.device, world: int) -> bool:
+    """True when ``ok`` on every rank (an all-reduce; the plain value without DDP)."""
+    if world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def build_teacher_cache(learner, paths: Sequence[str], image_size: int, device: torch.device, chunk: int,
                         autocast: Callable[[], ContextManager], cache_dir: Optional[str] = None,
-                        num_workers: int = 0, write: bool = True) -> TeacherImageCache:
+                        num_workers: int = 0, world: int = 1, rank: int = 0) -> TeacherImageCache:
     """The teacher features of ``paths`` (training order): read from ``cache_dir`` if a valid file
-    for this key is there, else computed (and written there when ``write``)."""
+    for this key is there (on every rank, under DDP), else computed (shared out over the ranks) and
+    written there by rank 0."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     with autocast():
         key = cache_key(learner.clip, paths, image_size, device, chunk)
     path = os.path.join(cache_dir, FOLDER, key[:32] + ".pt") if cache_dir else None
+    feats = None
     if path is not None and os.path.isfile(path):
         try:
-            return TeacherImageCache(_read(path, key, len(paths)).to(device), key, source=path)
+            feats = _read(path, key, len(paths)).to(device)
         except ValueError as exc:
             print(f"drople-fast: teacher feature cache {path} {exc}; recomputing it", file=sys.stderr)
-    feats = compute_teacher_features(learner, paths, image_size, device, chunk, autocast, num_workers)
-    if path is not None and write:
-        payload = {"format": FORMAT, "key": key, "features": feats, "sha256": _features_digest(feats)}
+    if _agree(feats is not None, device, world):
+        return TeacherImageCache(feats, key, source=path)
+    feats = compute_teacher_features(learner, paths, image_size, device, chunk, autocast, num_workers, world, rank)
+    if path is not None and rank == 0:
+        cpu = feats.cpu()
+        payload = {"format": FORMAT, "key": key, "features": cpu, "sha256": _features_digest(cpu)}
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write(path, lambda buf: torch.save(payload, buf))
         except OSError as exc:  # a cache: failing to keep it only costs the recomputation next time
             print(f"drople-fast: could not write the teacher feature cache {path}: {exc}", file=sys.stderr)
-    return TeacherImageCache(feats.to(device), key)
+    return TeacherImageCache(feats, key)

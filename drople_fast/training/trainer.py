@@ -457,15 +457,12 @@ class TrainingSetup:
 def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, world: int = 1,
                    rank: int = 0) -> TrainingSetup:
     """Learner, seeded data loader, AdamW (LoRA at its own lr) and the cosine schedule for ``plan``."""
-    from .data import CLEAN_TEACHER, TrainImageDataset, train_views
+    from .data import TrainImageDataset, train_views
 
     learner = make_learner(cfg, clip, plan.train_classnames, rank).to(device)
     image_size = image_size_of(clip)
-    cached = uses_teacher_cache(cfg)
-    # the loader yields the teacher's clean view only when the teacher runs every step
-    dataset = TrainImageDataset(plan.train_records, train_views(
-        cfg.augment, image_size, with_clean=cfg.augment in CLEAN_TEACHER and not cached,
-        crop_scale=(cfg.crop_scale_min, 1.0)))
+    dataset = TrainImageDataset(plan.train_records, train_views(cfg.augment, image_size,
+                                                                crop_scale=(cfg.crop_scale_min, 1.0)))
     gen = torch.Generator().manual_seed(cfg.seed)
     drop_last = len(dataset) >= cfg.batch_size * world
     if world > 1:
@@ -497,39 +494,26 @@ def uses_teacher_cache(cfg: TrainConfig) -> bool:
 def build_teacher_cache(cfg: TrainConfig, plan: Plan, setup: TrainingSetup, device: torch.device,
                         world: int = 1, rank: int = 0):
     """The teacher image features of ``plan``'s training records, in chunks of the per-rank batch
-    size (the loader's batch; :mod:`.teacher_cache` says why). Under DDP rank 0 computes and
-    writes the file first; the other ranks then read it (or compute it if there is no cache folder)."""
+    size (the loader's batch; :mod:`.teacher_cache` says why). Under DDP every rank computes its
+    share of the chunks and all ranks get the whole table (the sampler reshuffles the images over
+    the ranks every epoch); rank 0 writes the file."""
     from .teacher_cache import build_teacher_cache as build
 
     n = len(plan.train_records)
     # without drop_last (fewer images than one batch over all ranks) each rank has one batch of ceil(n / world)
     chunk = cfg.batch_size if setup.loader.drop_last else min(cfg.batch_size, -(-n // world))
-    folder = fewshot_cache_dir(cfg)
-    paths = [r.path for r in plan.train_records]
-
-    def run():
-        return build(setup.learner, paths, setup.image_size, device, chunk, lambda: _autocast(device, cfg.bf16),
-                     cache_dir=folder, num_workers=cfg.num_workers, write=rank == 0)
-
-    if world == 1:
-        return run()
-    import torch.distributed as dist
-
-    if rank == 0:
-        cache = run()
-        dist.barrier()
-    else:
-        dist.barrier()
-        cache = run()
-    return cache
+    return build(setup.learner, [r.path for r in plan.train_records], setup.image_size, device, chunk,
+                 lambda: _autocast(device, cfg.bf16), cache_dir=fewshot_cache_dir(cfg),
+                 num_workers=cfg.num_workers, world=world, rank=rank)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
                     world: int = 1, teacher_cache=None) -> Tuple[Dict[str, float], int, int]:
     """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
 
-    The frozen teacher gets its image features from ``teacher_cache`` (by dataset index), else its
-    image from the batch's ``"teacher_image"``, else the student's image.
+    Batches are ``(student images, teacher images, labels, dataset indices)``
+    (:class:`~drople_fast.training.data.TrainImageDataset`). The frozen teacher gets its image
+    features from ``teacher_cache`` (by dataset index) when given, else runs on the teacher images.
 
     Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
     already copied to the host for the running sums: no extra synchronisation).
@@ -537,13 +521,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
     sums: Dict[str, float] = {}
     n_batches = n_images = 0
     steps = len(loader)
-    for step, batch in enumerate(loader):
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        teacher = {}
+    for step, (images, teacher_images, labels, index) in enumerate(loader):
+        images, labels = images.to(device), labels.to(device)
         if teacher_cache is not None:
-            teacher["teacher_features"] = teacher_cache[batch["index"]]
-        elif "teacher_image" in batch:
-            teacher["teacher_images"] = batch["teacher_image"].to(device)
+            teacher = {"teacher_features": teacher_cache[index]}
+        else:
+            teacher = {"teacher_images": teacher_images.to(device)}
         with _autocast(device, bf16):
             _, terms = model(images, labels, epoch + step / steps, epochs, **teacher)
         optimizer.zero_grad(set_to_none=True)

@@ -120,19 +120,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class TrainImageDataset(ImageDataset):
-    """Training items, as dicts: ``"image"`` (the student's view), ``"label"``, ``"index"`` (the
-    record's position, the key of :class:`drople_fast.training.teacher_cache.TeacherImageCache`) and,
-    when the transform returns a (student, teacher) pair, ``"teacher_image"`` (the teacher's view)."""
+    """Training items ``(student image, teacher image, label, index)``: ``transform`` maps a PIL image
+    to the (student, teacher) pair (:func:`drople_fast.training.data.transforms.train_views`), and
+    ``index`` is the record's position, the key of
+    :class:`drople_fast.training.teacher_cache.TeacherImageCache`."""
 
-    def __getitem__(self, index: int) -> Dict:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
         record = self.records[index]
-        views = self.transform(load_image(record.path))
-        item = {"label": record.label, "index": index}
-        if isinstance(views, tuple):
-            item["image"], item["teacher_image"] = views
-        else:
-            item["image"] = views
-        return item
+        student, teacher = self.transform(load_image(record.path))
+        return student, teacher, record.label, index
 
 
 def load_image(path: str) -> Image.Image:

@@ -7,7 +7,7 @@ Training augmentations (``TrainConfig.augment``):
   image without it, i.e. exactly the evaluation preprocessing
   (release/data/meta_dataset.py:70-92: both start from ``Resize(224, bicubic)`` +
   ``CenterCrop(224)``, no random crop, no flip; :201-208 returns (clean, augmented) and
-  release/models/drople.py:823-845 feeds the clean one to the teacher, the augmented one to the
+  release/models/drople.py:825,848-851 feeds the clean one to the teacher, and :869 the augmented one to the
   student). The teacher's image is then deterministic per training image, which is what lets
   :mod:`drople_fast.training.teacher_cache` compute its features once.
 * ``"none"``: the clean image for both (the release without ``--patch_aug_config``, :93).
@@ -78,34 +78,42 @@ def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
 
 
 class PatchTrainViews:
-    """PIL image -> (student, teacher): the release's patch-augmented view and the clean view
-    (equal to :func:`eval_transform`'s output), or the student view alone with ``with_clean=False``."""
+    """PIL image -> (student, teacher): the release's patch-augmented view (or, with ``augment=False``,
+    the clean one) and the clean view, equal to :func:`eval_transform`'s output. Both share one resize
+    and crop; the clean view costs one extra normalisation."""
 
-    def __init__(self, image_size: int = 224, with_clean: bool = True, augment: bool = True):
+    def __init__(self, image_size: int = 224, augment: bool = True):
         self.geometry = resize_center_crop(image_size)
         self.augment = PatchRandAugment() if augment else None
-        self.with_clean = with_clean
 
     def __call__(self, image):
         clean = TF.pil_to_tensor(self.geometry(image))
-        student = normalize_uint8(self.augment(clean)) if self.augment is not None else None
-        if not self.with_clean:
-            return student if student is not None else normalize_uint8(clean)
-        clean_n = normalize_uint8(clean)
-        return (student if student is not None else clean_n), clean_n
+        teacher = normalize_uint8(clean)
+        return (normalize_uint8(self.augment(clean)) if self.augment is not None else teacher), teacher
 
 
-def train_views(augment: str, image_size: int, with_clean: bool, crop_scale: Tuple[float, float] = (0.08, 1.0)
-                ) -> Callable:
-    """The training transform for ``augment`` (one of :data:`AUGMENTATIONS`): returns a student
-    tensor, or with ``with_clean`` (only for :data:`CLEAN_TEACHER`) a (student, teacher) pair."""
+class SameImageViews:
+    """PIL image -> (student, teacher) with one image for both: the former augmentations, whose
+    teacher saw the student's (randomly cropped, flipped, augmented) image."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        x = self.transform(image)
+        return x, x
+
+
+def train_views(augment: str, image_size: int, crop_scale: Tuple[float, float] = (0.08, 1.0)) -> Callable:
+    """The training transform for ``augment`` (one of :data:`AUGMENTATIONS`): PIL image ->
+    (student image, teacher image), both normalised float32 (C, H, W). For :data:`CLEAN_TEACHER`
+    the teacher's image is the clean one (release/data/meta_dataset.py:200-208 returns
+    ``[img_1 clean, img_2 augmented, label]``), otherwise it is the student's."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; expected one of {list(AUGMENTATIONS)}")
     if augment in CLEAN_TEACHER:
-        return PatchTrainViews(image_size, with_clean=with_clean, augment=augment == "patch")
-    if with_clean:
-        raise ValueError(f"augmentation {augment!r} gives the teacher the student's image; there is no clean view")
-    return train_transform(image_size, randaugment=augment == "randaugment", crop_scale=crop_scale)
+        return PatchTrainViews(image_size, augment=augment == "patch")
+    return SameImageViews(train_transform(image_size, randaugment=augment == "randaugment", crop_scale=crop_scale))
 
 
 def eval_transform(image_size: int = 224):
