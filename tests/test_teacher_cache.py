@@ -206,6 +206,24 @@ def test_cached_features_are_the_teachers_on_the_clean_image(data_root, tmp_path
     assert torch.allclose(cache.features, setup.learner.teacher_image_features(imgs), atol=1e-6)
 
 
+def test_cache_keeps_float32_features_computed_under_the_steps_autocast(data_root, tmp_path):
+    # the cache is built under the training step's autocast (here bf16 on the CPU) and stores the float32
+    # unit vectors the teacher returns inside such a step; the fp32 features differ
+    cfg = config(data_root, tmp_path / "run")
+    plan, setup = setup_for(cfg)
+    paths = [r.path for r in plan.train_records]
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    cache = tc.build_teacher_cache(setup.learner, paths, setup.image_size, torch.device("cpu"), 2, bf16)
+    fp32 = tc.build_teacher_cache(setup.learner, paths, setup.image_size, torch.device("cpu"), 2,
+                                  lambda: torch.autocast("cpu", enabled=False))
+    clean = eval_transform(setup.image_size)
+    imgs = torch.stack([clean(load_image(p)) for p in paths[:2]])
+    with bf16():
+        in_step = setup.learner.teacher_image_features(imgs)
+    assert cache.features.dtype == torch.float32 and torch.equal(cache[torch.arange(2)], in_step)
+    assert cache.key != fp32.key and not torch.equal(cache.features, fp32.features)
+
+
 def _key(clip, paths, size=32, chunk=2):
     return tc.cache_key(clip, paths, size, torch.device("cpu"), chunk)
 
