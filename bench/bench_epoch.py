@@ -1,4 +1,6 @@
-"""Wall time per training epoch of the demo's DroPLe run, IWTD "off" vs "perturb" vs "drop", in one run.
+"""Wall time per training epoch of the demo's DroPLe run, IWTD "off" vs "perturb" vs "drop", in one run
+(and "drop" with the teacher's image forward every step instead of from the teacher feature cache, and
+"drop" with the former augmentation: RandomResizedCrop(0.5-1) + flip + RandAugment, teacher on that image).
 
     pytest bench/bench_epoch.py --benchmark-only [--benchmark-json epoch.json]
 
@@ -14,9 +16,10 @@ import pytest
 import torch
 
 from drople_fast.training.data import write_synthetic_coop_dataset
-from drople_fast.training.trainer import TrainConfig, build_clip, build_training, make_plan, seed_everything, train_one_epoch
+from drople_fast.training.trainer import (TrainConfig, build_clip, build_teacher_cache, build_training, make_plan,
+                                          seed_everything, train_one_epoch)
 
-MODES = ["off", "perturb", "drop"]
+MODES = ["off", "perturb", "drop", "drop-nocache", "drop-former"]
 
 
 @pytest.fixture(scope="module")
@@ -28,30 +31,34 @@ def demo_root(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_epoch_time(benchmark, demo_root, tmp_path, mode):
+    mode, _, variant = mode.partition("-")
+    augment = {"augment": "randaugment", "crop_scale_min": 0.5} if variant == "former" else {}
     threads = int(os.environ.get("DROPLE_BENCH_THREADS", "1"))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         cfg = TrainConfig(dataset="Synthetic", root=demo_root, protocol="base2novel", shots=8, seed=1, epochs=5,
-                          batch_size=4, iwtd={"mode": mode}, crop_scale_min=0.5,
+                          batch_size=4, iwtd={"mode": mode}, teacher_cache=variant == "", **augment,
                           output_dir=str(tmp_path / "unused"), fewshot_cache=str(tmp_path / "cache"),
                           progress=False)
         plan = make_plan(cfg)
         clip = build_clip(cfg.model, None)
         seed_everything(cfg.seed)
         setup = build_training(cfg, plan, clip, torch.device("cpu"))
+        cache = build_teacher_cache(cfg, plan, setup, torch.device("cpu")) if cfg.teacher_cache and not augment else None
         setup.learner.train()
         state = {"epoch": 0}
 
         def one_epoch():
             _, batches, images = train_one_epoch(setup.learner, setup.loader, setup.optimizer, setup.scheduler,
                                                  torch.device("cpu"), False, state["epoch"] % cfg.epochs,
-                                                 cfg.epochs)
+                                                 cfg.epochs, teacher_cache=cache)
             state["epoch"] += 1
             return images
 
         images = benchmark.pedantic(one_epoch, rounds=3, warmup_rounds=1, iterations=1)
-        benchmark.extra_info.update({"mode": mode, "images_per_epoch": images, "threads": threads,
+        benchmark.extra_info.update({"mode": mode, "variant": variant, "teacher_cache": cache is not None,
+                                     "images_per_epoch": images, "threads": threads,
                                      "steps_per_epoch": len(setup.loader)})
         assert images == 64
     finally:

@@ -272,11 +272,12 @@ def run_epochs(optimizer, scheduler, epochs: int, steps: int):
     w = optimizer.param_groups[0]["params"][0]
     seen = []
 
-    def model(x, y, epoch, total):
+    def model(x, y, epoch, total, **teacher):
         seen.append((tuple(g["lr"] for g in optimizer.param_groups), epoch))
         return None, {"total": (w * 0).sum() + x.sum()}
 
-    loader = [(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))] * steps
+    # items as TrainImageDataset's: (student, teacher, label, index)
+    loader = [(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))] * steps
     for epoch in range(epochs):
         train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), False, epoch, epochs)
     return seen

@@ -24,6 +24,7 @@ class CLIError(Exception):
 def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     """Training options; every default is read from TrainConfig / IWTDConfig (one home for defaults)."""
     from ..clip.config import MODES, IWTDConfig
+    from .data.transforms import AUGMENTATIONS
     from .trainer import default_of
 
     iwtd = IWTDConfig()
@@ -65,7 +66,12 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--device", default=default_of("device"))
     p.add_argument("--num-workers", type=int, default=default_of("num_workers"))
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--no-randaugment", action="store_true")
+    p.add_argument("--augment", default=default_of("augment"), choices=AUGMENTATIONS,
+                   help="training augmentation: patch = the release's per-patch RandAugment, teacher on the clean "
+                        "image; none; randaugment / crop_flip = RandomResizedCrop + flip (+ RandAugment), "
+                        "teacher on the student's image")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the teacher's image forward every step instead of once per training image")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on --resume, the run's)")
     p.add_argument("--no-progress", action="store_true")
@@ -83,7 +89,8 @@ def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
                        weight_decay=args.weight_decay, model=args.model, pretrained=args.pretrained, iwtd=iwtd,
                        lora_rank=args.lora_rank, descriptions=args.descriptions, targets=args.targets,
                        output_dir=output_dir, device=args.device,
-                       num_workers=args.num_workers, bf16=not args.no_bf16, randaugment=not args.no_randaugment,
+                       num_workers=args.num_workers, bf16=not args.no_bf16, augment=args.augment,
+                       teacher_cache=not args.no_teacher_cache,
                        resume=resume, progress=not args.no_progress,
                        num_threads=args.threads, **optional)
 

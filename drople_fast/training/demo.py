@@ -149,7 +149,7 @@ def run_demo(out_dir: Optional[str] = None, mode: str = "drop", num_classes: int
     run_dir = os.path.join(out_dir, f"run-{mode}")
     cfg = TrainConfig(dataset="Synthetic", root=data_root, protocol="base2novel", shots=shots, seed=seed,
                       epochs=epochs, batch_size=4, model="tiny", pretrained=ckpt,
-                      iwtd=IWTDConfig(mode=mode), crop_scale_min=0.5, output_dir=run_dir,
+                      iwtd=IWTDConfig(mode=mode), output_dir=run_dir,
                       progress=progress, resume=True,
                       **({} if lora_rank is None else {"lora_rank": lora_rank}))
     metrics = train(cfg)

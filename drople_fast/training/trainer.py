@@ -49,8 +49,8 @@ class NonFiniteError(ValueError):
 _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "text_depth", "vision_depth",
                "num_workers", "eval_batch_size")
 _FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
-_BOOL_FIELDS = ("randaugment", "bf16", "resume", "progress")
-_STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device")
+_BOOL_FIELDS = ("teacher_cache", "bf16", "resume", "progress")
+_STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment")
 _OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
 
 
@@ -64,6 +64,11 @@ class TrainConfig:
     TorchScript archive or Hugging Face CLIP folder (nothing downloads).
     ``iwtd``: an :class:`IWTDConfig` or a dict of its fields.
     ``shots`` <= 0 means the full training split.
+    ``augment``: the training augmentation (:mod:`drople_fast.training.data.transforms`): "patch" (the
+    release's per-patch RandAugment for the student, the clean image for the teacher), "none",
+    or the former "randaugment" / "crop_flip" (RandomResizedCrop at ``crop_scale_min`` + flip, one
+    image for student and teacher). ``teacher_cache``: with a clean teacher image, compute the
+    teacher's image features once per training image (:mod:`drople_fast.training.teacher_cache`).
     """
 
     dataset: str = "Synthetic"
@@ -87,8 +92,9 @@ class TrainConfig:
     descriptions: Optional[str] = None
     targets: Optional[List[str]] = None
     imbalance: float = 10.0
-    randaugment: bool = True
+    augment: str = "patch"
     crop_scale_min: float = 0.08
+    teacher_cache: bool = True
     output_dir: str = "runs/drople"
     fewshot_cache: Optional[str] = None
     device: str = "auto"
@@ -129,6 +135,13 @@ class TrainConfig:
             raise ValueError(f"num_threads (--threads) must be >= 1, got {self.num_threads}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        from .data.transforms import AUGMENTATIONS, CLEAN_TEACHER
+
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.crop_scale_min != _DEFAULT_CROP_SCALE_MIN and self.augment in CLEAN_TEACHER:
+            raise ValueError(f"crop_scale_min only applies to the randaugment and crop_flip augmentations, "
+                             f"not {self.augment!r} (which does not crop at random)")
         if not self.imbalance >= 1:
             raise ValueError(f"imbalance must be >= 1, got {self.imbalance}")
         if self.targets is not None and self.protocol not in ("cross_dataset", "dg"):
@@ -184,6 +197,7 @@ class TrainConfig:
 
 
 _DEFAULT_IMBALANCE = 10.0
+_DEFAULT_CROP_SCALE_MIN = 0.08
 TRAIN_DEFAULTS = TrainConfig.__dataclass_fields__  # CLI defaults are read from here
 
 
@@ -459,17 +473,18 @@ class TrainingSetup:
     optimizer: Any
     scheduler: Any
     image_size: int
+    teacher_cache: Any = None
 
 
 def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, world: int = 1,
                    rank: int = 0) -> TrainingSetup:
     """Learner, seeded data loader, AdamW (LoRA at its own lr) and the release's schedule for ``plan``."""
-    from .data import ImageDataset, train_transform
+    from .data import TrainImageDataset, train_views
 
     learner = make_learner(cfg, clip, plan.train_classnames, rank).to(device)
     image_size = image_size_of(clip)
-    dataset = ImageDataset(plan.train_records, train_transform(
-        image_size, randaugment=cfg.randaugment, crop_scale=(cfg.crop_scale_min, 1.0)))
+    dataset = TrainImageDataset(plan.train_records, train_views(cfg.augment, image_size,
+                                                                crop_scale=(cfg.crop_scale_min, 1.0)))
     gen = torch.Generator().manual_seed(cfg.seed)
     drop_last = len(dataset) >= cfg.batch_size * world
     if world > 1:
@@ -491,13 +506,41 @@ def build_training(cfg: TrainConfig, plan: Plan, clip, device: torch.device, wor
     return TrainingSetup(learner, loader, sampler, gen, optimizer, scheduler, image_size)
 
 
+def uses_teacher_cache(cfg: TrainConfig) -> bool:
+    """The teacher's image features come from :mod:`.teacher_cache`: asked for, and the teacher's image is
+    the clean one (the "randaugment" / "crop_flip" teacher sees the random student image)."""
+    from .data import CLEAN_TEACHER
+
+    return cfg.teacher_cache and cfg.augment in CLEAN_TEACHER
+
+
+def build_teacher_cache(cfg: TrainConfig, plan: Plan, setup: TrainingSetup, device: torch.device,
+                        world: int = 1, rank: int = 0):
+    """The teacher image features of ``plan``'s training records, in chunks of the per-rank batch
+    size (the loader's batch; :mod:`.teacher_cache` says why). Under DDP every rank computes its
+    share of the chunks and all ranks get the whole table (the sampler reshuffles the images over
+    the ranks every epoch); rank 0 writes the file."""
+    from .teacher_cache import build_teacher_cache as build
+
+    n = len(plan.train_records)
+    # without drop_last (fewer images than one batch over all ranks) each rank has one batch of ceil(n / world)
+    chunk = cfg.batch_size if setup.loader.drop_last else min(cfg.batch_size, -(-n // world))
+    return build(setup.learner, [r.path for r in plan.train_records], setup.image_size, device, chunk,
+                 lambda: _autocast(device, cfg.bf16), cache_dir=fewshot_cache_dir(cfg),
+                 num_workers=cfg.num_workers, world=world, rank=rank)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
-                    world: int = 1) -> Tuple[Dict[str, float], int, int]:
+                    world: int = 1, teacher_cache=None) -> Tuple[Dict[str, float], int, int]:
     """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
 
     As the release's ``train`` (release/train_drople.py:363-384): the scheduler steps once before batch
     ``len(loader) // 10`` of epoch 0 (ending its one-step warm-up) and once after the epoch; the learner
     gets the integer ``epoch`` for the residual-entropy λ (``current_epoch=epoch``, :375).
+
+    Batches are ``(student images, teacher images, labels, dataset indices)``
+    (:class:`~drople_fast.training.data.TrainImageDataset`). The frozen teacher gets its image
+    features from ``teacher_cache`` (by dataset index) when given, else runs on the teacher images.
 
     Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
     already copied to the host for the running sums: no extra synchronisation).
@@ -505,7 +548,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
     sums: Dict[str, float] = {}
     n_batches = n_images = 0
     steps = len(loader)
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, teacher_images, labels, index) in enumerate(loader):
         if epoch == 0 and step == steps // 10:
             with warnings.catch_warnings():
                 # With < 10 batches this precedes the first optimizer step, as in the release; torch's warning
@@ -513,8 +556,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 scheduler.step()
         images, labels = images.to(device), labels.to(device)
+        if teacher_cache is not None:
+            teacher = {"teacher_features": teacher_cache[index]}
+        else:
+            teacher = {"teacher_images": teacher_images.to(device)}
         with _autocast(device, bf16):
-            _, terms = model(images, labels, epoch, epochs)
+            _, terms = model(images, labels, epoch, epochs, **teacher)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
@@ -623,6 +670,8 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
         setup = build_training(cfg, plan, clip, device, world, rank)
         learner, loader, sampler, gen = setup.learner, setup.loader, setup.sampler, setup.generator
         optimizer, scheduler, image_size = setup.optimizer, setup.scheduler, setup.image_size
+        if uses_teacher_cache(cfg):
+            setup.teacher_cache = build_teacher_cache(cfg, plan, setup, device, world, rank)
 
         start_epoch, history = 0, []
         if resume_ckpt is not None:
@@ -652,7 +701,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             lr_now = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.bf16,
-                                                        epoch, cfg.epochs, world)
+                                                        epoch, cfg.epochs, world, setup.teacher_cache)
             _check_finite_weights(learner, epoch)
             elapsed = time.perf_counter() - t0
             train_time += elapsed

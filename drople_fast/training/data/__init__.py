@@ -6,6 +6,7 @@ from .datasets import (
     DatasetSplits,
     ImageDataset,
     Record,
+    TrainImageDataset,
     canonical_name,
     dataset_names,
     get_dataset,
@@ -21,7 +22,7 @@ from .sampling import (
     subsample_classes,
 )
 from .synthetic import write_synthetic_coop_dataset
-from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+from .transforms import AUGMENTATIONS, CLEAN_TEACHER, CLIP_MEAN, CLIP_STD, eval_transform, train_transform, train_views
 
 __all__ = [
     "CROSS_DATASET_TARGETS",
@@ -30,6 +31,7 @@ __all__ = [
     "DatasetSplits",
     "ImageDataset",
     "Record",
+    "TrainImageDataset",
     "canonical_name",
     "dataset_names",
     "get_dataset",
@@ -42,8 +44,11 @@ __all__ = [
     "sample_few_shot",
     "subsample_classes",
     "write_synthetic_coop_dataset",
+    "AUGMENTATIONS",
+    "CLEAN_TEACHER",
     "CLIP_MEAN",
     "CLIP_STD",
     "eval_transform",
     "train_transform",
+    "train_views",
 ]

@@ -119,6 +119,18 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, record.label
 
 
+class TrainImageDataset(ImageDataset):
+    """Training items ``(student image, teacher image, label, index)``: ``transform`` maps a PIL image
+    to the (student, teacher) pair (:func:`drople_fast.training.data.transforms.train_views`), and
+    ``index`` is the record's position, the key of
+    :class:`drople_fast.training.teacher_cache.TeacherImageCache`."""
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+        record = self.records[index]
+        student, teacher = self.transform(load_image(record.path))
+        return student, teacher, record.label, index
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image as RGB; a missing or unreadable file is named in the error."""
     if not os.path.isfile(path):
