@@ -64,7 +64,10 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
                    help=f"long_tail imbalance factor (default {default_of('imbalance')})")
     p.add_argument("--device", default=default_of("device"))
     p.add_argument("--num-workers", type=int, default=default_of("num_workers"))
-    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    # No argparse choices: a bad value is TrainConfig's one-line error (exit 2), like every other option.
+    p.add_argument("--precision", default=default_of("precision"),
+                   help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, also on the CPU: "
+                        "see drople-fast info) | fp16 (autocast with a loss scaler)")
     p.add_argument("--no-randaugment", action="store_true")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on --resume, the run's)")
@@ -83,7 +86,7 @@ def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
                        weight_decay=args.weight_decay, model=args.model, pretrained=args.pretrained, iwtd=iwtd,
                        lora_rank=args.lora_rank, descriptions=args.descriptions, targets=args.targets,
                        output_dir=output_dir, device=args.device,
-                       num_workers=args.num_workers, bf16=not args.no_bf16, randaugment=not args.no_randaugment,
+                       num_workers=args.num_workers, precision=args.precision, randaugment=not args.no_randaugment,
                        resume=resume, progress=not args.no_progress,
                        num_threads=args.threads, **optional)
 
