@@ -14,6 +14,9 @@ the bridge module. Batch 8 on CPU, 32 on GPU (BENCH_BATCH overrides). Cases:
 * ``drop_fixed``  keep 0.5 of the eligible tokens after layer 0 only (vision_layers=[0])
 * ``patchdropout`` open_clip's PatchDropout(0.5) on the unpatched model (drops before layer 0)
 
+Each image case runs in fp32; ``off``, ``drop`` and their ``unpatched`` baseline also under bf16
+autocast (``-bf16`` ids; CPU too, through drople_fast.training.precision, the trainer's mapping).
+
 plus the text tower (eval forward of 100 class prompts "a photo of a {class}.")
 unpatched, patched with and without EOS trimming.
 
@@ -35,6 +38,7 @@ from torch import nn
 
 import drople_fast as df
 from drople_fast.clip import patch
+from drople_fast.training.precision import autocast
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_BATCH", 32 if DEVICE.type == "cuda" else 8))
@@ -118,11 +122,13 @@ class Meter:
         self.widths: list[int] = []
         self.mem: dict = {}
 
-    def block(self, x: torch.Tensor, mask):
-        if mask is None:
+    def block(self, x: torch.Tensor, layout):
+        # layout: the patch's attention.Layout (valid = (B, S) bool, None without padding) or None
+        valid = getattr(layout, "valid", None)
+        if valid is None:
             self.tokens.append(float(x.shape[1]))
         else:
-            self.tokens.append(float(mask[:, 0, -1, :].sum(dim=-1).float().mean()))
+            self.tokens.append(float(valid.sum(dim=-1).float().mean()))
         self.widths.append(int(x.shape[1]))
 
     def run(self, fn):
@@ -159,18 +165,18 @@ METER = Meter()
 def meter(monkeypatch):
     original = patch.block_forward
 
-    def counting(block, x, mask, kernel="sdpa", return_qk=False, **kwargs):
-        METER.block(x, mask)
-        return original(block, x, mask, kernel, return_qk, **kwargs)
+    def counting(block, x, layout=None, kernel="sdpa", return_qk=False, **kwargs):
+        METER.block(x, layout)
+        return original(block, x, layout, kernel, return_qk, **kwargs)
 
     monkeypatch.setattr(patch, "block_forward", counting)
     return METER
 
 
-def record(benchmark, name, kind, batch, full_tokens, layers):
+def record(benchmark, name, kind, batch, full_tokens, layers, precision="fp32"):
     tokens = METER.tokens or [float(full_tokens)] * layers
     benchmark.extra_info.update(
-        case=name, kind=kind, batch=batch, device=str(DEVICE), device_name=_device_name(), threads=torch.get_num_threads(),
+        case=name, kind=kind, precision=precision, batch=batch, device=str(DEVICE), device_name=_device_name(), threads=torch.get_num_threads(),
         loadavg=os.getloadavg()[0], layers=layers, full_tokens=full_tokens, tokens_per_layer=tokens,
         width_per_layer=METER.widths or [int(t) for t in tokens], **METER.mem,
     )
@@ -209,19 +215,20 @@ def unpatched_forward(visual, x, hook):
     return pooled @ visual.proj
 
 
-def image_step(model, images, hook, patched: bool):
+def image_step(model, images, hook, patched: bool, precision: str = "fp32"):
     def step():
         for p in hook.parameters():
             p.grad = None
-        if patched:
-            for p in model.drople_bridge.parameters():
-                p.grad = None
-            out = model.encode_image(images)
-            loss = out.float().square().mean()
-            for f in df.bridge_features(model)["vision"].values():
-                loss = loss + f.float().square().mean()
-        else:
-            loss = unpatched_forward(model.visual, images, hook).float().square().mean()
+        with autocast(precision, DEVICE):  # forward only, as in the trainer
+            if patched:
+                for p in model.drople_bridge.parameters():
+                    p.grad = None
+                out = model.encode_image(images)
+                loss = out.float().square().mean()
+                for f in df.bridge_features(model)["vision"].values():
+                    loss = loss + f.float().square().mean()
+            else:
+                loss = unpatched_forward(model.visual, images, hook).float().square().mean()
         loss.backward()
         return loss
 
@@ -238,12 +245,17 @@ IMAGE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(IMAGE_CASES))
-def test_image_train_step(benchmark, clip, images, meter, case):
+BF16_IMAGE_CASES = ("unpatched", "off", "drop")  # unpatched: the bf16 rows' own speedup baseline
+IMAGE_PARAMS = [pytest.param(c, "fp32", id=c) for c in IMAGE_CASES] + \
+               [pytest.param(c, "bf16", id=f"{c}-bf16") for c in BF16_IMAGE_CASES]
+
+
+@pytest.mark.parametrize("case,precision", IMAGE_PARAMS)
+def test_image_train_step(benchmark, clip, images, meter, case, precision):
     import open_clip
 
     spec = IMAGE_CASES[case]
-    benchmark.group = f"vit_b16_image_train_step_b{BATCH}"
+    benchmark.group = f"vit_b16_image_train_step_b{BATCH}_{precision}"
     hook = VisualPrompts(clip.visual.transformer.width).to(DEVICE)
     clip.train()
     full = 1 + N_PROMPTS + (224 // 16) ** 2
@@ -252,7 +264,7 @@ def test_image_train_step(benchmark, clip, images, meter, case):
         df.apply(clip, df.IWTDConfig(text_layers=(), **{"vision_layers": (), **spec}))
         df.set_prompt_hook(clip, hook)
         try:
-            bench(benchmark, image_step(clip, images, hook, True))
+            bench(benchmark, image_step(clip, images, hook, True, precision))
         finally:
             df.remove(clip)
     else:
@@ -260,10 +272,10 @@ def test_image_train_step(benchmark, clip, images, meter, case):
         if spec == "patchdropout":
             clip.visual.patch_dropout = open_clip.transformer.PatchDropout(0.5)
         try:
-            bench(benchmark, image_step(clip, images, hook, False))
+            bench(benchmark, image_step(clip, images, hook, False, precision))
         finally:
             clip.visual.patch_dropout = old
-    record(benchmark, case, "image", BATCH, full, L)
+    record(benchmark, case, "image", BATCH, full, L, precision)
 
 
 # --------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_epoch_time(benchmark, demo_root, tmp_path, mode):
 
         def one_epoch():
             _, batches, images = train_one_epoch(setup.learner, setup.loader, setup.optimizer, setup.scheduler,
-                                                 torch.device("cpu"), False, state["epoch"] % cfg.epochs,
+                                                 torch.device("cpu"), "fp32", state["epoch"] % cfg.epochs,
                                                  cfg.epochs, teacher_cache=cache)
             state["epoch"] += 1
             return images

@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from drople_fast.clip.config import IWTDConfig
+from drople_fast.training.precision import autocast
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_BATCH", 4))
@@ -68,7 +69,7 @@ def _iwtd_config(mode: str) -> IWTDConfig:
 
 
 def _autocast(precision: str):
-    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return autocast(precision, DEVICE)  # the trainer's own precision -> autocast mapping
 
 
 def _sync():

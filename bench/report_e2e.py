@@ -37,15 +37,16 @@ def rows_from(data: dict) -> list[dict]:
         tokens = info["tokens_per_layer"] if info["kind"] == "image" else info["width_per_layer"]
         cost = sum(t / info["full_tokens"] for t in tokens) / len(tokens)
         rows.append(dict(
-            kind=info["kind"], case=info["case"], batch=info["batch"], median_s=stats["median"], min_s=stats["min"],
+            kind=info["kind"], case=info["case"], precision=info.get("precision", "fp32"), batch=info["batch"], median_s=stats["median"], min_s=stats["min"],
             rounds=stats["rounds"], items_per_s=info["batch"] / stats["median"], cost=cost, ideal=1.0 / cost,
             saved_mib=(info.get("saved_bytes") or 0) / 2**20, cuda_peak_mib=(info.get("cuda_peak_bytes") or 0) / 2**20,
             rss_peak_mib=(info.get("rss_peak_bytes") or 0) / 2**20, device=info.get("device"),
             device_name=info.get("device_name"), threads=info.get("threads"), loadavg=info.get("loadavg"),
             mean_tokens=sum(tokens) / len(tokens), full_tokens=info["full_tokens"], layers=info["layers"],
         ))
-    for kind in {r["kind"] for r in rows}:
-        group = [r for r in rows if r["kind"] == kind]
+    # speedups compare rows of one precision (a bf16 row against the bf16 unpatched step)
+    for kind, precision in {(r["kind"], r["precision"]) for r in rows}:
+        group = [r for r in rows if r["kind"] == kind and r["precision"] == precision]
         base = next((r for r in group if r["case"] == "unpatched"), None)
         # same-kernel baseline: patched cases against the patched tower with nothing dropped/trimmed
         same = next((r for r in group if r["case"] in ("off", "untrimmed")), base)
@@ -75,17 +76,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
             continue
         lines.append(f"**{title}**, batch {group[0]['batch']}, median of {group[0]['rounds']} rounds")
         lines.append("")
-        lines.append(f"| case | {unit} | step s (median / min) | mean tokens/block | {mem_head} | "
+        lines.append(f"| case | precision | {unit} | step s (median / min) | mean tokens/block | {mem_head} | "
                      "speedup vs unpatched | ideal speedup | efficiency | speedup vs same kernels | efficiency (same kernels) |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if not cuda else ""))
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if not cuda else ""))
         for r in group:
             mem = f"{r['cuda_peak_mib']:.0f}" if cuda else f"{r['saved_mib']:.0f} | {r['rss_peak_mib']:.0f}"
-            lines.append(f"| {r['case']} | {r['items_per_s']:.2f} | {r['median_s']:.2f} / {r['min_s']:.2f} | "
+            lines.append(f"| {r['case']} | {r['precision']} | {r['items_per_s']:.2f} | {r['median_s']:.2f} / {r['min_s']:.2f} | "
                          f"{r['mean_tokens']:.1f} / {r['full_tokens']} | {mem} | {r['speedup']:.2f}x | "
                          f"{r['ideal']:.2f}x | {100 * r['efficiency']:.0f}% | {r['speedup_same']:.2f}x | "
                          f"{100 * r['efficiency_same']:.0f}% |")
         lines.append("")
-    by = {(r["kind"], r["case"]): r for r in rows}
+    by = {(r["kind"], r["case"]): r for r in rows if r["precision"] == "fp32"}  # the goals are fp32 figures
     notes = []
     if ("image", "drop_fixed") in by and ("image", "patchdropout") in by:
         a, b = by[("image", "drop_fixed")], by[("image", "patchdropout")]
@@ -100,6 +101,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         notes.append(f"EOS trim / untrimmed: {ratio:.2f}x (goal >= 3x)")
     if notes:
         lines += ["Goals: " + "; ".join(notes) + "."]
+    bf16 = [(r["case"], r["items_per_s"] / by[(r["kind"], r["case"])]["items_per_s"]) for r in rows
+            if r["precision"] == "bf16" and (r["kind"], r["case"]) in by]
+    if bf16:
+        lines += ["", "bf16 / fp32 " + ", ".join(f"{case} {ratio:.2f}x" for case, ratio in bf16) + "."]
     lines += ["", "*Same kernels*: patched cases against `off` (text: `untrimmed`), open_clip cases against "
                   "`unpatched`, so the attention-kernel swap (SDPA vs nn.MultiheadAttention) does not count as "
                   "token savings. Ideal = 1 / mean_l(tokens_l / tokens_full); image: mean real tokens per sample, "
@@ -125,7 +130,7 @@ def main(argv=None):
     text = markdown(rows, data)
     with open(os.path.join(args.out, "e2e.md"), "w") as f:
         f.write(text)
-    fields = ["kind", "case", "batch", "items_per_s", "median_s", "min_s", "rounds", "mean_tokens", "full_tokens",
+    fields = ["kind", "case", "precision", "batch", "items_per_s", "median_s", "min_s", "rounds", "mean_tokens", "full_tokens",
               "layers", "cost", "ideal", "speedup", "efficiency", "saved_mib", "cuda_peak_mib", "rss_peak_mib",
               "device", "device_name", "threads", "loadavg"]
     with open(os.path.join(args.out, "e2e.csv"), "w", newline="") as f:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+from typing import Optional
 
 import torch
 
@@ -35,7 +36,23 @@ def report() -> list[tuple[str, str]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = xformers_unavailable(device)
     rows.append(("attention xformers", "usable" if reason is None else f"unavailable: {reason}"))
+    rows.append(("cpu bf16", cpu_bf16_advice()))
     return rows
+
+
+def cpu_bf16_advice(cpuinfo: Optional[str] = None, capability: Optional[str] = None) -> str:
+    """Whether this CPU has bf16 matrix hardware (``/proc/cpuinfo`` flags; ``cpuinfo`` replaces the file's
+    text) and so whether ``--precision bf16`` pays off for CPU training."""
+    from .training.precision import BF16_CPU_FLAGS, cpu_bf16_hardware, cpu_flags
+
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    have = cpu_bf16_hardware(cpu_flags(cpuinfo))
+    extra = f"torch CPU capability {capability}"
+    if have:
+        return f"yes ({', '.join(have)}; {extra}): --precision bf16 recommended for CPU training"
+    return (f"no ({' / '.join(BF16_CPU_FLAGS)} not found; {extra}): bf16 is emulated here, "
+            "keep --precision auto (fp32 on the CPU)")
 
 
 def main() -> int:

@@ -97,5 +97,20 @@ def test_quick_matrix_compiles_without_spills_on_sm80_and_sm90():
     proc = _aot("--quick", "--arch", "80,90", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 failed, 0 spill" in proc.stdout
-    for name in ("iwtd_scores", "bridge_logits", "iwtd_epilogue"):
+    for name in ("iwtd_scores", "bridge_logits", "iwtd_epilogue", "perturb_noise"):
         assert f"sm_80 {name}" in proc.stdout and f"sm_90 {name}" in proc.stdout
+
+
+def test_noise_kernel_is_registered_with_its_launch_config():
+    from drople_fast.ops.kernels import noise_triton
+
+    for dtype in ("fp32", "bf16", "fp16"):
+        for D in (512, 768, 1024):
+            point = MatrixPoint(False, dtype, 201, 12, 64, 64, D)
+            (config,) = configs_for(point, 90, "perturb_noise")
+            launch = noise_triton.config(D)  # what perturb_noise_triton launches
+            assert dict(config.constexprs) == {"BLOCK": launch["BLOCK"]}
+            assert (config.num_warps, config.num_stages) == (launch["num_warps"], launch["num_stages"])
+            sig = dict(config.signature)
+            assert (sig["h_ptr"], sig["out_ptr"], sig["sel_ptr"], sig["seed_ptr"]) == ("*" + dtype,) * 2 + ("*u8", "*i64")
+            assert config.divisible == ("D",)  # S = 201 (and row_stride = S) are not multiples of 16

@@ -279,7 +279,7 @@ def run_epochs(optimizer, scheduler, epochs: int, steps: int):
     # items as TrainImageDataset's: (student, teacher, label, index)
     loader = [(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))] * steps
     for epoch in range(epochs):
-        train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), False, epoch, epochs)
+        train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), "fp32", epoch, epochs)
     return seen
 
 

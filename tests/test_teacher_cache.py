@@ -148,7 +148,7 @@ def test_train_loop_feeds_the_teacher_the_clean_image(data_root, tmp_path, monke
                 yield batch
 
     loader = Recording()
-    train_one_epoch(setup.learner, loader, setup.optimizer, setup.scheduler, torch.device("cpu"), False, 0, 1)
+    train_one_epoch(setup.learner, loader, setup.optimizer, setup.scheduler, torch.device("cpu"), "fp32", 0, 1)
     clean = eval_transform(setup.image_size)
     assert len(counter.images) == len(order) > 0
     for seen, idx in zip(counter.images, order):
@@ -182,14 +182,14 @@ def test_cache_runs_the_teacher_once_per_image(data_root, tmp_path, monkeypatch)
     assert all(x.shape[0] == cfg.batch_size for x in counter.images)
     for epoch in range(2):
         before = counter.count
-        train_one_epoch(setup.learner, setup.loader, setup.optimizer, setup.scheduler, torch.device("cpu"), False,
+        train_one_epoch(setup.learner, setup.loader, setup.optimizer, setup.scheduler, torch.device("cpu"), "fp32",
                         epoch, 2, teacher_cache=cache)
         assert counter.count == before  # epochs 1 and 2: every lookup is a hit
     # without the cache: every step runs the teacher on its batch
     cfg2 = config(data_root, tmp_path / "run2", teacher_cache=False)
     plan2, setup2 = setup_for(cfg2)
     counter2 = CountTeacher(monkeypatch)
-    train_one_epoch(setup2.learner, setup2.loader, setup2.optimizer, setup2.scheduler, torch.device("cpu"), False,
+    train_one_epoch(setup2.learner, setup2.loader, setup2.optimizer, setup2.scheduler, torch.device("cpu"), "fp32",
                     0, 1)
     assert counter2.count == len(setup2.loader) * cfg.batch_size
 

@@ -65,7 +65,9 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
                    help=f"long_tail imbalance factor (default {default_of('imbalance')})")
     p.add_argument("--device", default=default_of("device"))
     p.add_argument("--num-workers", type=int, default=default_of("num_workers"))
-    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--precision", default=default_of("precision"),
+                   help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, also on the CPU: "
+                        "see drople-fast info) | fp16 (autocast with a loss scaler)")
     p.add_argument("--augment", default=default_of("augment"), choices=AUGMENTATIONS,
                    help="training augmentation: patch = the release's per-patch RandAugment, teacher on the clean "
                         "image; none; randaugment / crop_flip = RandomResizedCrop + flip (+ RandAugment), "
@@ -89,7 +91,7 @@ def _config(args, dataset: str, seed: int, output_dir: str, resume: bool):
                        weight_decay=args.weight_decay, model=args.model, pretrained=args.pretrained, iwtd=iwtd,
                        lora_rank=args.lora_rank, descriptions=args.descriptions, targets=args.targets,
                        output_dir=output_dir, device=args.device,
-                       num_workers=args.num_workers, bf16=not args.no_bf16, augment=args.augment,
+                       num_workers=args.num_workers, precision=args.precision, augment=args.augment,
                        teacher_cache=not args.no_teacher_cache,
                        resume=resume, progress=not args.no_progress,
                        num_threads=args.threads, **optional)

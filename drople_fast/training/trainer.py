@@ -32,6 +32,7 @@ from ..clip.config import IWTDConfig
 from ..clip.seeds import derive_seed
 from .fileio import atomic_json, atomic_text, read_json_object
 from .losses import LossWeights
+from .precision import autocast, check_precision, grad_scaler, resolve_precision
 from . import run_dir as rd
 from ..clip.patch import apply, load_patch_state_dict, patch_state_dict
 from .protocols import Plan, build_plan, canonical_protocol, metrics_from_accuracies
@@ -49,8 +50,8 @@ class NonFiniteError(ValueError):
 _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "text_depth", "vision_depth",
                "num_workers", "eval_batch_size")
 _FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
-_BOOL_FIELDS = ("teacher_cache", "bf16", "resume", "progress")
-_STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment")
+_BOOL_FIELDS = ("teacher_cache", "resume", "progress")
+_STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment", "precision")
 _OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
 
 
@@ -100,7 +101,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     eval_batch_size: int = 64
-    bf16: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (drople_fast.training.precision)
     num_threads: Optional[int] = None
     resume: bool = False
     progress: bool = True
@@ -149,6 +150,7 @@ class TrainConfig:
         if self.imbalance != _DEFAULT_IMBALANCE and self.protocol != "long_tail":
             raise ValueError(f"imbalance only applies to the long_tail protocol, not {self.protocol}")
         check_device_name(self.device)
+        check_precision(self.precision)
 
     def _check_types(self) -> None:
         """Field types, so a hand-edited config.json fails with the field named (not deep inside a run)."""
@@ -334,11 +336,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.opti
         release_lr_lambda(m, g["lr"], 1, max(epochs, 20) + 1) for m, g in zip(min_lrs, groups)])
 
 
-def _autocast(device: torch.device, bf16: bool):
-    enabled = bf16 and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 # --------------------------------------------------------------------------
 # building blocks shared by train and evaluate
 # --------------------------------------------------------------------------
@@ -394,7 +391,7 @@ def _dataset_of(cfg: TrainConfig) -> str:
 
 @torch.no_grad()
 def evaluate_split(learner, records, classnames, device, image_size: int, batch_size: int = 64,
-                   num_workers: int = 0, bf16: bool = True, progress: bool = True, desc: str = "eval"):
+                   num_workers: int = 0, precision: str = "auto", progress: bool = True, desc: str = "eval"):
     """(prompted accuracy %, zero-shot accuracy %) of ``learner`` on ``records``."""
     from tqdm.auto import tqdm
 
@@ -408,7 +405,7 @@ def evaluate_split(learner, records, classnames, device, image_size: int, batch_
         loader = torch.utils.data.DataLoader(ImageDataset(records, eval_transform(image_size)),
                                              batch_size=batch_size, shuffle=False, num_workers=num_workers)
         correct = zs_correct = total = 0
-        with _autocast(device, bf16):
+        with autocast(precision, device):
             txt = learner.text_features()
             txt_zs = learner.teacher_text_features()
             for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -432,7 +429,7 @@ def evaluate_plan(learner, plan: Plan, cfg: TrainConfig, device, image_size: int
     for split in plan.evals:
         accs[split.name], zs[split.name] = evaluate_split(
             learner, split.records, split.classnames, device, image_size, cfg.eval_batch_size, cfg.num_workers,
-            cfg.bf16, cfg.progress, desc=f"eval {split.dataset}")
+            cfg.precision, cfg.progress, desc=f"eval {split.dataset}")
     return metrics_from_accuracies(plan, accs), metrics_from_accuracies(plan, zs)
 
 
@@ -526,12 +523,12 @@ def build_teacher_cache(cfg: TrainConfig, plan: Plan, setup: TrainingSetup, devi
     # without drop_last (fewer images than one batch over all ranks) each rank has one batch of ceil(n / world)
     chunk = cfg.batch_size if setup.loader.drop_last else min(cfg.batch_size, -(-n // world))
     return build(setup.learner, [r.path for r in plan.train_records], setup.image_size, device, chunk,
-                 lambda: _autocast(device, cfg.bf16), cache_dir=fewshot_cache_dir(cfg),
+                 lambda: autocast(cfg.precision, device), cache_dir=fewshot_cache_dir(cfg),
                  num_workers=cfg.num_workers, world=world, rank=rank)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epoch: int, epochs: int,
-                    world: int = 1, teacher_cache=None) -> Tuple[Dict[str, float], int, int]:
+def train_one_epoch(model, loader, optimizer, scheduler, device, precision: str, epoch: int, epochs: int,
+                    world: int = 1, teacher_cache=None, scaler=None) -> Tuple[Dict[str, float], int, int]:
     """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
 
     As the release's ``train`` (release/train_drople.py:363-384): the scheduler steps once before batch
@@ -542,12 +539,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
     (:class:`~drople_fast.training.data.TrainImageDataset`). The frozen teacher gets its image
     features from ``teacher_cache`` (by dataset index) when given, else runs on the teacher images.
 
+    ``scaler``: the fp16 loss scaler (:func:`drople_fast.training.precision.grad_scaler`); None makes one
+    for ``precision`` (disabled, a no-op, unless fp16).
+
     Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
     already copied to the host for the running sums: no extra synchronisation).
     """
     sums: Dict[str, float] = {}
     n_batches = n_images = 0
     steps = len(loader)
+    if scaler is None:
+        scaler = grad_scaler(precision, device)
     for step, (images, teacher_images, labels, index) in enumerate(loader):
         if epoch == 0 and step == steps // 10:
             with warnings.catch_warnings():
@@ -560,11 +562,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, bf16: bool, epo
             teacher = {"teacher_features": teacher_cache[index]}
         else:
             teacher = {"teacher_images": teacher_images.to(device)}
-        with _autocast(device, bf16):
+        with autocast(precision, device):
             _, terms = model(images, labels, epoch, epochs, **teacher)
         optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         for k, v in terms.items():
             value = float(v.detach())
             if not math.isfinite(value):
@@ -584,12 +587,13 @@ def _check_finite_weights(learner, epoch: int) -> None:
         raise NonFiniteError(f"training diverged: non-finite weights after epoch {epoch + 1} ({', '.join(bad[:3])})")
 
 
-def _execution(cfg: TrainConfig) -> Dict:
+def _execution(cfg: TrainConfig, device: torch.device) -> Dict:
     """What results depend on besides the fingerprint: recorded in checkpoints, checked on resume."""
-    return {"num_threads": torch.get_num_threads(), "num_workers": cfg.num_workers}
+    return {"num_threads": torch.get_num_threads(), "num_workers": cfg.num_workers,
+            "precision": resolve_precision(cfg.precision, device)}  # what precision "auto" was on this device
 
 
-def _check_resume(ckpt: Dict, cfg: TrainConfig, fp: Dict, path: str) -> None:
+def _check_resume(ckpt: Dict, cfg: TrainConfig, fp: Dict, path: str, device: torch.device) -> None:
     diff = rd.fingerprint_diff(ckpt["fingerprint"], fp)
     if diff:
         raise rd.RunDirError(f"cannot resume from {path}: configuration differs ({'; '.join(diff[:6])})")
@@ -598,11 +602,17 @@ def _check_resume(ckpt: Dict, cfg: TrainConfig, fp: Dict, path: str) -> None:
     saved = ckpt["execution"]
     if cfg.num_threads is None and torch.get_num_threads() != saved["num_threads"]:
         torch.set_num_threads(saved["num_threads"])  # CPU reductions depend on the thread count
-    now = _execution(cfg)
+    now = _execution(cfg, device)
     for name, flag in (("num_threads", "--threads"), ("num_workers", "--num-workers")):
         if now[name] != saved[name]:
             raise rd.RunDirError(f"cannot resume from {path} bit-exactly: it ran with {name}={saved[name]}, now "
                                  f"{now[name]} (results depend on it); pass {flag} {saved[name]}")
+    # The fingerprint holds the precision asked for; "auto" resolves per device type (checkpoints written
+    # before precision existed lack it).
+    if "precision" in saved and now["precision"] != saved["precision"]:
+        raise rd.RunDirError(f"cannot resume from {path}: it ran with precision={saved['precision']} "
+                             f"(precision {cfg.precision!r} on its device), now {now['precision']} on {device.type}; "
+                             "resume it on the device type it ran on")
 
 
 def train(config: TrainConfig | Dict) -> Dict:
@@ -661,7 +671,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
                 return metrics
             if run.has(rd.CHECKPOINT):
                 resume_ckpt = rd.load_checkpoint(run.checkpoint_path)
-                _check_resume(resume_ckpt, cfg, fp, run.checkpoint_path)
+                _check_resume(resume_ckpt, cfg, fp, run.checkpoint_path, device)
         elif cfg.resume:
             path = os.path.join(cfg.output_dir, CHECKPOINT)
             resume_ckpt = rd.load_checkpoint(path) if os.path.isfile(path) else None
@@ -672,6 +682,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
         optimizer, scheduler, image_size = setup.optimizer, setup.scheduler, setup.image_size
         if uses_teacher_cache(cfg):
             setup.teacher_cache = build_teacher_cache(cfg, plan, setup, device, world, rank)
+        scaler = grad_scaler(cfg.precision, device)
 
         start_epoch, history = 0, []
         if resume_ckpt is not None:
@@ -679,6 +690,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             load_patch_state_dict(clip, resume_ckpt["patch"])
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             scheduler.load_state_dict(resume_ckpt["scheduler"])
+            scaler.load_state_dict(resume_ckpt.get("scaler", {}))  # {} = no fp16 scaler (a no-op load)
             _set_rng_state(resume_ckpt["rng"], gen)
             start_epoch, history = int(resume_ckpt["epoch"]), list(resume_ckpt["history"])
 
@@ -700,8 +712,8 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             learner.train()
             lr_now = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
-            sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.bf16,
-                                                        epoch, cfg.epochs, world, setup.teacher_cache)
+            sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.precision,
+                                                        epoch, cfg.epochs, world, setup.teacher_cache, scaler)
             _check_finite_weights(learner, epoch)
             elapsed = time.perf_counter() - t0
             train_time += elapsed
@@ -714,10 +726,10 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if main:
                 run.save_checkpoint({"format": rd.CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
-                                     "fingerprint": fp, "execution": _execution(cfg),
+                                     "fingerprint": fp, "execution": _execution(cfg, device),
                                      "learner": learner.prompt_state_dict(), "patch": patch_state_dict(clip),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "rng": _rng_state(gen), "history": history})
+                                     "scaler": scaler.state_dict(), "rng": _rng_state(gen), "history": history})
                 run.write_history(history)
         bar.close()
         if distributed:

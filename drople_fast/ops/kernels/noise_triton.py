@@ -17,6 +17,12 @@ from ..noise import register
 BLOCK_D = 256
 
 
+def config(D: int) -> dict:
+    """Launch configuration for rows of width ``D`` (the launcher and the AOT check both use it). Warps and
+    stages are Triton's defaults, spelled out so the AOT check compiles what launches."""
+    return dict(BLOCK=min(BLOCK_D, triton.next_power_of_2(D)), num_warps=4, num_stages=3)
+
+
 @triton.jit
 def _perturb_noise_kernel(h_ptr, out_ptr, sel_ptr, seed_ptr, sigma, S, D, row_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -46,11 +52,27 @@ def perturb_noise_triton(hidden: torch.Tensor, selected: torch.Tensor, seed: tor
     hidden = hidden.contiguous()
     sel = selected.contiguous().view(torch.uint8)
     key = seed.to(torch.int64).reshape(1).contiguous()
-    block = min(BLOCK_D, triton.next_power_of_2(D))
-    grid = (B * S, triton.cdiv(D, block))
+    cfg = config(D)
+    grid = (B * S, triton.cdiv(D, cfg["BLOCK"]))
     _perturb_noise_kernel[grid](hidden, out, sel, key, float(sigma), S, D, row_stride if row_stride > 0 else S,
-                                BLOCK=block)
+                                **cfg)
     return out
+
+
+def aot_configs(point, cc: int) -> list:
+    """The launch configuration of :func:`perturb_noise_triton` for a matrix point (see ops/aot.py): it
+    depends on the hidden dtype and width D only (plus which of S, D Triton specialises as multiples of 16;
+    row_stride is S for a launch without one)."""
+    from .registry import KernelConfig, divisible_ints, signature_for
+
+    cfg = config(point.D)
+    consts = {"BLOCK": cfg["BLOCK"]}
+    fn = _perturb_noise_kernel
+    sig = signature_for(fn, dict(h_ptr=point.dtype, out_ptr=point.dtype, sel_ptr="u8", seed_ptr="i64"), consts,
+                        floats=("sigma",))
+    ints = dict(S=point.S, D=point.D, row_stride=point.S)
+    return [KernelConfig("perturb_noise", fn, sig, tuple(consts.items()), cfg["num_warps"], cfg["num_stages"],
+                         divisible_ints(fn, ints))]
 
 
 register(perturb_noise_triton)
