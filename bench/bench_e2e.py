@@ -40,21 +40,13 @@ import drople_fast as df
 from drople_fast.clip import patch
 from drople_fast.training.precision import autocast
 
+from classnames import CIFAR100
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_BATCH", 32 if DEVICE.type == "cuda" else 8))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
 WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
 N_PROMPTS, PROMPT_DEPTH = 4, 6
-
-CIFAR100 = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
-    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
-    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
-    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
-    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
-    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
-    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
-).split()
 
 
 class VisualPrompts(nn.Module):

@@ -40,6 +40,8 @@ import torch
 from drople_fast.clip.config import IWTDConfig
 from drople_fast.training.precision import autocast
 
+from classnames import CIFAR100 as CLASSNAMES  # 100 names of mixed lengths
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_BATCH", 4))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
@@ -50,16 +52,6 @@ BASELINE = ("perturb", "fp32", "recomputed")
 CASES = [(mode, precision, "cached") for mode in ("off", "perturb", "drop", "drop_fixed")
          for precision in ("fp32", "bf16")] + [BASELINE, ("drop", "bf16", "recomputed")]
 
-# 100 class names of mixed lengths (CIFAR-100's): the text tower's width follows the longest prompt.
-CLASSNAMES = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
-    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
-    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
-    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
-    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
-    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
-    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
-).split()
 
 
 def _iwtd_config(mode: str) -> IWTDConfig:

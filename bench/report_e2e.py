@@ -16,10 +16,11 @@ the quadratic attention term, so a linear-cost model of a step.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
+
+from report_io import write_results
 
 
 def _mib(value):
@@ -126,17 +127,11 @@ def main(argv=None):
     rows = rows_from(data)
     if not rows:
         sys.exit(f"{args.json}: no bench_e2e results in it")
-    os.makedirs(args.out, exist_ok=True)
     text = markdown(rows, data)
-    with open(os.path.join(args.out, "e2e.md"), "w") as f:
-        f.write(text)
     fields = ["kind", "case", "precision", "batch", "items_per_s", "median_s", "min_s", "rounds", "mean_tokens", "full_tokens",
               "layers", "cost", "ideal", "speedup", "efficiency", "saved_mib", "cuda_peak_mib", "rss_peak_mib",
               "device", "device_name", "threads", "loadavg"]
-    with open(os.path.join(args.out, "e2e.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, "e2e", text, rows, fields)
     print(text)
 
 

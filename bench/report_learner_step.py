@@ -9,10 +9,11 @@ same run) and the untimed breakdown of the step (text tower, image tower, teache
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
+
+from report_io import write_results
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -80,14 +81,8 @@ def main(argv=None):
         rows = rows_from(json.load(f))
     if not rows:
         sys.exit(f"{args.json}: no bench_learner_step results in it")
-    os.makedirs(args.out, exist_ok=True)
     text = markdown(rows)
-    with open(os.path.join(args.out, "learner_step.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "learner_step.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, "learner_step", text, rows, FIELDS)
     print(text)
 
 

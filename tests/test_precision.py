@@ -1,5 +1,7 @@
 """--precision / TrainConfig.precision: autocast per precision (CPU too), fp16 loss scaling, fingerprint,
 resume checks, one-line CLI errors, and the CPU bf16-hardware advice of ``drople-fast info``."""
+import json
+
 import pytest
 import torch
 
@@ -130,3 +132,16 @@ def test_cpu_bf16_detection_from_flag_strings():
     assert yes.startswith("yes (amx_bf16, avx512_bf16; torch CPU capability AVX512)") and "--precision bf16" in yes
     no = cpu_bf16_advice(old, capability="AVX2")
     assert no.startswith("no (") and "AVX2" in no and "--precision auto" in no
+
+
+def test_run_from_an_earlier_version_is_a_one_line_error_naming_the_replacement(tmp_path, capsys):
+    """config.json files written before precision / augment / the release's warm-up name their fields."""
+    run = tmp_path / "old_run"
+    run.mkdir()
+    old = {**TrainConfig().to_dict(), "bf16": True, "randaugment": True, "warmup_epochs": 1.0}
+    (run / "config.json").write_text(json.dumps(old))
+    rc = main(["eval", str(run), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "'bf16' is gone (now precision" in err and "'randaugment' is gone (now augment" in err, err
+    assert "'warmup_epochs' is gone" in err and "start a new run" in err, err

@@ -1,17 +1,13 @@
-"""bench/report_e2e.py: rows keyed by precision (speedups within one precision, a CSV precision column)."""
+"""bench/report_e2e.py: rows keyed by precision (speedups within one precision, a CSV precision column);
+bench/report_learner_step.py: speedups against the baseline case of the same class count, and the goals."""
 import csv
-import importlib.util
 import json
 import os
+import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _report():
-    spec = importlib.util.spec_from_file_location("report_e2e", os.path.join(ROOT, "bench", "report_e2e.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import report_e2e  # noqa: E402  (bench/ is scripts, not a package)
+import report_learner_step  # noqa: E402
 
 
 def _bench(case, median, precision=None, tokens=201.0):
@@ -23,7 +19,7 @@ def _bench(case, median, precision=None, tokens=201.0):
 
 
 def test_rows_are_keyed_by_precision(tmp_path):
-    report = _report()
+    report = report_e2e
     data = {"benchmarks": [_bench("unpatched", 4.0), _bench("off", 2.0, "fp32"),
                            _bench("unpatched", 2.0, "bf16"), _bench("off", 1.0, "bf16")]}
     rows = {(r["case"], r["precision"]): r for r in report.rows_from(data)}
@@ -37,3 +33,25 @@ def test_rows_are_keyed_by_precision(tmp_path):
     assert got == [("unpatched", "fp32"), ("off", "fp32"), ("unpatched", "bf16"), ("off", "bf16")]
     text = (tmp_path / "e2e.md").read_text()
     assert "| off | bf16 |" in text and "bf16 / fp32 unpatched 2.00x, off 2.00x." in text
+
+
+def _step(classes, mode, precision, teacher, median):
+    info = dict(kind="learner_step", classes=classes, mode=mode, precision=precision, teacher=teacher, batch=4,
+                text_s=median / 4, image_s=median / 4, teacher_s=0.0, device="cpu", device_name="x", threads=1,
+                cpu_capability="AVX2", loadavg=0.5)
+    return {"stats": {"median": median, "min": median, "rounds": 3}, "extra_info": info}
+
+
+def test_learner_step_speedups_per_class_count_and_goals(tmp_path):
+    data = {"benchmarks": [_step(24, "perturb", "fp32", "recomputed", 6.0), _step(24, "drop", "bf16", "cached", 2.0),
+                           _step(100, "perturb", "fp32", "recomputed", 9.0),
+                           _step(100, "drop", "bf16", "cached", 6.0)]}
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps(data))
+    report_learner_step.main([str(path), "--out", str(tmp_path)])
+    with open(tmp_path / "learner_step.csv", newline="") as f:
+        got = {(int(r["classes"]), r["mode"]): float(r["speedup"]) for r in csv.DictReader(f)}
+    assert got == {(24, "perturb"): 1.0, (24, "drop"): 3.0, (100, "perturb"): 1.0, (100, "drop"): 1.5}
+    text = (tmp_path / "learner_step.md").read_text()
+    assert "24 classes, drop/bf16/cached: 3.00x (goal >= 3x, met)" in text
+    assert "100 classes, drop/bf16/cached: 1.50x (goal >= 2x, not met)" in text

@@ -52,6 +52,22 @@ _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "t
 _FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
 _BOOL_FIELDS = ("teacher_cache", "resume", "progress")
 _STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment", "precision")
+def _nested_config(name: str, value, cls):
+    """A nested config field: an instance of ``cls`` or a dict of its fields (as read from config.json)."""
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} instance or a dict of its fields, got {type(value).__name__}")
+    return value
+
+
+# Fields of earlier versions, replaced when training took the release's recipe: their runs do not load.
+_REMOVED_FIELDS = {"bf16": "now precision: auto | fp32 | bf16 | fp16",
+                   "randaugment": "now augment: patch | none | randaugment | crop_flip",
+                   "warmup_epochs": "the release's one-step warm-up has no option"}
 _OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
 
 
@@ -108,20 +124,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types()
-        if isinstance(self.iwtd, dict):
-            try:
-                self.iwtd = IWTDConfig(**self.iwtd)
-            except TypeError as exc:
-                raise ValueError(f"iwtd: {exc}") from None
-        elif not isinstance(self.iwtd, IWTDConfig):
-            raise ValueError(f"iwtd must be an IWTDConfig or a dict of its fields, got {type(self.iwtd).__name__}")
-        if isinstance(self.loss_weights, dict):
-            try:
-                self.loss_weights = LossWeights(**self.loss_weights)
-            except TypeError as exc:
-                raise ValueError(f"loss_weights: {exc}") from None
-        elif not isinstance(self.loss_weights, LossWeights):
-            raise ValueError(f"loss_weights must be a LossWeights or a dict, got {type(self.loss_weights).__name__}")
+        self.iwtd = _nested_config("iwtd", self.iwtd, IWTDConfig)
+        self.loss_weights = _nested_config("loss_weights", self.loss_weights, LossWeights)
         self.protocol = canonical_protocol(self.protocol)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
@@ -192,6 +196,10 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a TrainConfig must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        removed = sorted(set(d) & set(_REMOVED_FIELDS))
+        if removed:
+            raise ValueError("a config from an earlier drople_fast: " + "; ".join(
+                f"{k!r} is gone ({_REMOVED_FIELDS[k]})" for k in removed) + "; start a new run")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {unknown}")

@@ -26,6 +26,22 @@ import triton.language as tl
 NUM_STAGES = 2
 
 
+@triton.jit
+def _anchor_logits(k_base, stride_ks, valid_base, qa, offs_d, d_ok, a, a_ok, k0, S, sm_scale,
+                   CAUSAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The anchor row's logits over keys ``k0 .. k0 + BLOCK_K`` and which of them are allowed (valid,
+    in range, causal): shared by its log-sum-exp sweep and its probability sweep."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_in = offs_k < S
+    kt = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
+                 mask=k_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    logit = tl.sum(kt * qa[None, :], axis=1) * sm_scale
+    allowed = (tl.load(valid_base + offs_k, mask=k_in, other=0) != 0) & k_in & a_ok
+    if CAUSAL:
+        allowed = allowed & (offs_k <= a)
+    return offs_k, k_in, logit, allowed
+
+
 @triton.jit(do_not_specialize=["S", "stride_qb", "stride_qh", "stride_kb", "stride_kh"])
 def _scores_kernel(
     q_ptr, k_ptr, valid_ptr, anchor_ptr, part_ptr,
@@ -59,14 +75,8 @@ def _scores_kernel(
         m_run = tl.max(tl.full([BLOCK_K], NEG_INF, tl.float32), axis=0)
         l_run = tl.sum(tl.zeros([BLOCK_K], dtype=tl.float32), axis=0)
         for k0 in range(0, S, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < S
-            kt = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                         mask=k_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            logit = tl.sum(kt * qa[None, :], axis=1) * sm_scale
-            allowed = (tl.load(valid_base + offs_k, mask=k_in, other=0) != 0) & k_in & a_ok
-            if CAUSAL:
-                allowed = allowed & (offs_k <= a)
+            offs_k, k_in, logit, allowed = _anchor_logits(k_base, stride_ks, valid_base, qa, offs_d, d_ok, a, a_ok,
+                                                          k0, S, sm_scale, CAUSAL, BLOCK_K)
             logit = tl.where(allowed, logit, NEG_INF)
             m_new = tl.maximum(m_run, tl.max(logit, axis=0))
             m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -75,14 +85,8 @@ def _scores_kernel(
         ma_fin = tl.where(m_run == NEG_INF, 0.0, m_run)
         la_pos = tl.where(l_run > 0.0, l_run, 1.0)
         for k0 in range(0, S, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < S
-            kt = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                         mask=k_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            logit = tl.sum(kt * qa[None, :], axis=1) * sm_scale
-            allowed = (tl.load(valid_base + offs_k, mask=k_in, other=0) != 0) & k_in & a_ok
-            if CAUSAL:
-                allowed = allowed & (offs_k <= a)
+            offs_k, k_in, logit, allowed = _anchor_logits(k_base, stride_ks, valid_base, qa, offs_d, d_ok, a, a_ok,
+                                                          k0, S, sm_scale, CAUSAL, BLOCK_K)
             tl.store(part_s1 + offs_k, tl.where(allowed, tl.exp(logit - ma_fin) / la_pos, 0.0), mask=k_in)
     else:
         # ---- s2 for BLOCK_Q query rows of this head ----
