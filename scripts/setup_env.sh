@@ -14,6 +14,10 @@ if ! python -c "import torch, torchvision, open_clip, triton, pytest, pytest_ben
   python -m pip install -q "torch>=2.11" "torchvision>=0.26" triton "open_clip_torch>=3.0" numpy tqdm pillow \
     safetensors matplotlib pytest pytest-benchmark hypothesis ninja setuptools wheel
 fi
+# xformers is optional (attention="xformers", CUDA only); without it the SDPA paths run and its tests skip.
+if ! python -c "import xformers" 2>/dev/null; then
+  python -m pip install -q xformers || echo "setup_env: xformers did not install; attention='xformers' will be refused"
+fi
 if ! python -c "import drople_fast._C" 2>/dev/null; then
   python -m pip install -q --no-build-isolation --no-deps -e .
 fi
