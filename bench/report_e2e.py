@@ -15,12 +15,9 @@ the quadratic attention term, so a linear-cost model of a step.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
-from report_io import write_results
+from report_io import read_benchmark_json, write_results
 
 
 def _mib(value):
@@ -118,12 +115,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
+    args, data = read_benchmark_json(__doc__.splitlines()[0], argv)
     rows = rows_from(data)
     if not rows:
         sys.exit(f"{args.json}: no bench_e2e results in it")

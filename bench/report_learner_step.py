@@ -8,12 +8,9 @@ same run) and the untimed breakdown of the step (text tower, image tower, teache
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
-from report_io import write_results
+from report_io import read_benchmark_json, write_results
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -73,12 +70,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
-    with open(args.json) as f:
-        rows = rows_from(json.load(f))
+    args, data = read_benchmark_json(__doc__.splitlines()[0], argv)
+    rows = rows_from(data)
     if not rows:
         sys.exit(f"{args.json}: no bench_learner_step results in it")
     text = markdown(rows)
