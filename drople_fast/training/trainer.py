@@ -52,6 +52,14 @@ _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "t
 _FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
 _BOOL_FIELDS = ("teacher_cache", "resume", "progress")
 _STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment", "precision")
+_OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
+
+# Fields of earlier versions, replaced when training took the release's recipe: their runs do not load.
+_REMOVED_FIELDS = {"bf16": "now precision: auto | fp32 | bf16 | fp16",
+                   "randaugment": "now augment: patch | none | randaugment | crop_flip",
+                   "warmup_epochs": "the release's one-step warm-up has no option"}
+
+
 def _nested_config(name: str, value, cls):
     """A nested config field: an instance of ``cls`` or a dict of its fields (as read from config.json)."""
     if isinstance(value, dict):
@@ -60,15 +68,9 @@ def _nested_config(name: str, value, cls):
         except TypeError as exc:
             raise ValueError(f"{name}: {exc}") from None
     if not isinstance(value, cls):
-        raise ValueError(f"{name} must be a {cls.__name__} instance or a dict of its fields, got {type(value).__name__}")
+        raise ValueError(f"{name} must be a {cls.__name__} instance or a dict of its fields, "
+                         f"got {type(value).__name__}")
     return value
-
-
-# Fields of earlier versions, replaced when training took the release's recipe: their runs do not load.
-_REMOVED_FIELDS = {"bf16": "now precision: auto | fp32 | bf16 | fp16",
-                   "randaugment": "now augment: patch | none | randaugment | crop_flip",
-                   "warmup_epochs": "the release's one-step warm-up has no option"}
-_OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
 
 
 @dataclass
