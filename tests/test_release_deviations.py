@@ -11,7 +11,7 @@ release/<file>:<line>; the release is never imported) and run next to drople_fas
   padding included, so a class's drop probabilities and bridge features depend on how long the
   *other* class names in the batch are; ours exclude padding.
 * Entropy epsilon: the release's entropy is ``-sum p log(p + 1e-5)``
-  (release/utils/residual_entropy_loss.py:90-101); ours is exact. The difference is bounded.
+  (release/utils/residual_entropy_loss.py:5-16); ours is exact. The difference is bounded.
 
 (The LoRA-in-the-teacher deviation has its own test with the LoRA defaults; the LLM text tokens of the
 release are out of scope.)
@@ -284,16 +284,16 @@ def test_sigma_zero_turns_only_the_noise_off():
 # 3. exact entropy: the release's 1e-5 inside the log is negligible
 # --------------------------------------------------------------------------
 
-ENTROPY_EPS = 1e-5  # release/utils/residual_entropy_loss.py:98
+ENTROPY_EPS = 1e-5  # release/utils/residual_entropy_loss.py:13
 
 
 def release_entropy(p):
-    # release/utils/residual_entropy_loss.py:90-101
+    # release/utils/residual_entropy_loss.py:5-16
     return torch.sum(-p * torch.log(p + ENTROPY_EPS), dim=1)
 
 
 def release_demix(feat1, feat2, lam, text_features=None, image_features=None, logit_scale=None):
-    # release/utils/residual_entropy_loss.py:121-151
+    # release/utils/residual_entropy_loss.py:36-66
     epsilon = 1e-3
     nume = feat1 - feat2 * lam
     denomi = 1 - lam
