@@ -23,6 +23,7 @@ from drople_fast.training import run_dir as rd
 from drople_fast.training.cli import main
 from drople_fast.training.data import write_synthetic_coop_dataset
 from drople_fast.training.trainer import TrainConfig, train
+from run_config import tiny_run_config
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--batch-size", "2", "--shots", "2", "--threads", "1", "--no-progress"]
@@ -36,10 +37,7 @@ def data_root(tmp_path_factory):
 
 
 def config(root, out, **kw):
-    base = dict(dataset="Synthetic", root=root, protocol="base2novel", shots=2, seed=1, epochs=1, batch_size=2,
-                lr=5e-3, output_dir=str(out), progress=False, num_threads=1, fewshot_cache=str(out) + "-cache")
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_run_config(root, out, **kw)
 
 
 def cli(args, preexec_fn=None, wrap=()):

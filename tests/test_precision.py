@@ -13,6 +13,7 @@ from drople_fast.training.precision import autocast, cpu_bf16_hardware, cpu_flag
 from drople_fast.training.trainer import (CHECKPOINT, TrainConfig, build_clip, build_training, default_of,
                                           _check_resume, _execution, load_checkpoint, make_plan, seed_everything, train,
                                           train_one_epoch)
+from run_config import tiny_run_config
 
 CPU = torch.device("cpu")
 
@@ -25,11 +26,7 @@ def data_root(tmp_path_factory):
 
 
 def config(root, out, **kw):
-    base = dict(dataset="Synthetic", root=root, protocol="base2novel", shots=2, seed=1, epochs=1, batch_size=2,
-                lr=5e-3, output_dir=str(out), progress=False, num_threads=1, fewshot_cache=str(out) + "-cache",
-                augment="none")
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_run_config(root, out, **{"augment": "none", **kw})
 
 
 def test_auto_resolves_to_fp32_on_cpu_and_bf16_on_cuda():

@@ -21,6 +21,7 @@ from drople_fast.training.data import write_synthetic_coop_dataset
 from drople_fast.training.learner import DroPLe
 from drople_fast.training.trainer import (CHECKPOINT, TrainConfig, build_clip, build_training, load_checkpoint,
                                           make_plan, train, train_one_epoch, build_teacher_cache)
+from run_config import tiny_run_config
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +34,7 @@ def data_root(tmp_path_factory):
 
 
 def config(root, out, **kw):
-    base = dict(dataset="Synthetic", root=root, protocol="base2novel", shots=4, seed=1, epochs=2, batch_size=2,
-                lr=5e-3, output_dir=str(out), progress=False, num_threads=1, fewshot_cache=str(out) + "-cache",
-                iwtd={"mode": "drop"})
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_run_config(root, out, **{"shots": 4, "epochs": 2, "iwtd": {"mode": "drop"}, **kw})
 
 
 class CountTeacher:

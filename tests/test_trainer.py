@@ -11,7 +11,8 @@ import torch
 
 from drople_fast.training.data import write_synthetic_coop_dataset
 from drople_fast.training.report import read_metrics
-from drople_fast.training.trainer import CHECKPOINT, TrainConfig, load_checkpoint, train
+from drople_fast.training.trainer import CHECKPOINT, load_checkpoint, train
+from run_config import tiny_run_config
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,10 +25,7 @@ def data_root(tmp_path_factory):
 
 
 def config(root, out, **kw):
-    base = dict(dataset="Synthetic", root=root, protocol="base2novel", shots=4, seed=1, epochs=2, batch_size=2,
-                lr=5e-3, output_dir=str(out), progress=False, num_threads=1, fewshot_cache=str(out) + "-cache")
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_run_config(root, out, **{"shots": 4, "epochs": 2, **kw})
 
 
 @pytest.mark.parametrize("mode", ["off", "perturb", "drop", "drop_fixed"])
