@@ -73,7 +73,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["drople_fast", "drople_fast.*"]),
+    # The Triton kernels live in the top-level kernels/ folder and ship as drople_fast.kernels (a name
+    # that cannot collide with another distribution's top-level package).
+    packages=find_packages(include=["drople_fast", "drople_fast.*"]) + ["drople_fast.kernels"],
+    package_dir={"drople_fast.kernels": "kernels"},
     include_package_data=True,
     install_requires=[
         "torch>=2.11",

@@ -303,7 +303,7 @@ class Check:
         import drople_fast as df
         from iwtd_harness import Case, make_inputs
 
-        from drople_fast.ops.kernels.iwtd_triton import iwtd_triton_op
+        from drople_fast.kernels.iwtd_triton import iwtd_triton_op
         from drople_fast.ops.primitives import fold_bridge
 
         dt = torch.float16 if self.dry else torch.bfloat16

@@ -15,7 +15,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from drople_fast.ops import aot  # noqa: E402
-from drople_fast.ops.kernels.registry import MatrixPoint, configs_for, full_matrix  # noqa: E402
+from drople_fast.kernels.registry import MatrixPoint, configs_for, full_matrix  # noqa: E402
 
 # Verbatim ptxas -v output (Triton 3.8 wheel, ptxas 12.9) of the former one-program-per-sample kernel, sm_90a.
 SPILLING_LOG = """ptxas info    : Compiling entry function '_iwtd_fused_kernel' for 'sm_90a'
@@ -102,7 +102,7 @@ def test_quick_matrix_compiles_without_spills_on_sm80_and_sm90():
 
 
 def test_noise_kernel_is_registered_with_its_launch_config():
-    from drople_fast.ops.kernels import noise_triton
+    from drople_fast.kernels import noise_triton
 
     for dtype in ("fp32", "bf16", "fp16"):
         for D in (512, 768, 1024):

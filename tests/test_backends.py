@@ -182,7 +182,7 @@ def _fused_op(backend: str):
     if backend == "cpp":
         library.load_cpp_extension()
         return torch.ops.drople_fast.iwtd_cpu.default
-    from drople_fast.ops.kernels.iwtd_triton import iwtd_triton_op
+    from drople_fast.kernels.iwtd_triton import iwtd_triton_op
 
     return iwtd_triton_op
 

@@ -34,14 +34,14 @@ def _check(case: Case, generator_seed: int = 0, **overrides):
 
 def test_op_is_registered_and_exposed():
     from drople_fast.ops.backends import select_backend
-    from drople_fast.ops.kernels import iwtd_triton
+    from drople_fast.kernels import iwtd_triton
 
     assert select_backend("triton", torch.device(DEVICE), torch.float32) is iwtd_triton.iwtd_triton_op
     assert hasattr(torch.ops.drople_fast, "iwtd_triton")
 
 
 def test_kernels_package_imports_without_triton():
-    code = "import sys; sys.modules['triton'] = None; import drople_fast.ops.kernels"
+    code = "import sys; sys.modules['triton'] = None; import drople_fast.kernels"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 

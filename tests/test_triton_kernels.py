@@ -18,8 +18,8 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from drople_fast.ops.kernels import bridge_logits as bridge  # noqa: E402
-from drople_fast.ops.kernels import iwtd_triton  # noqa: E402
+from drople_fast.kernels import bridge_logits as bridge  # noqa: E402
+from drople_fast.kernels import iwtd_triton  # noqa: E402
 from drople_fast.ops.philox import token_uniform  # noqa: E402
 from drople_fast.ops.primitives import fold_bridge  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 No GPU is needed. For each compute capability (sm_80, sm_90 by default) and each
 point of the configuration matrix, the launch configurations that the launchers
-would use (one registry: :mod:`drople_fast.ops.kernels.registry`) are compiled
+would use (one registry: :mod:`drople_fast.kernels.registry`) are compiled
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``; the PTX
 is then assembled by the ``ptxas`` shipped in Triton's wheel with ``-v`` to read
 registers, spill bytes and shared memory, and the tensor-core instructions are
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .kernels.registry import KernelConfig, MatrixPoint, configs_for, full_matrix, quick_matrix
+from ..kernels.registry import KernelConfig, MatrixPoint, configs_for, full_matrix, quick_matrix
 
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")

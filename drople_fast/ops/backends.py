@@ -38,7 +38,7 @@ def _cpp_fn():
 
 
 def _triton_fn():
-    from .kernels import iwtd_triton
+    from ..kernels import iwtd_triton
 
     return iwtd_triton.iwtd_triton_op
 

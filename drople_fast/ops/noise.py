@@ -160,7 +160,7 @@ def _cpp_op():
 
 
 def _triton_op():
-    from .kernels import noise_triton
+    from ..kernels import noise_triton
 
     return noise_triton.perturb_noise_triton
 

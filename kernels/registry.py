@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 
 # Modules that define Triton kernels; each has ``aot_configs(point: MatrixPoint, cc: int) -> list[KernelConfig]``.
-KERNEL_MODULES = ("drople_fast.ops.kernels.iwtd_triton", "drople_fast.ops.kernels.noise_triton")
+KERNEL_MODULES = ("drople_fast.kernels.iwtd_triton", "drople_fast.kernels.noise_triton")
 
 DTYPES = ("fp32", "bf16", "fp16")
 

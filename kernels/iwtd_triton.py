@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..library import fused_fake
+from ..ops.library import fused_fake
 from . import bridge_logits as _bridge
 from . import iwtd_epilogue as _epi
 from . import iwtd_scores as _scores

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..noise import register
+from ..ops.noise import register
 
 BLOCK_D = 256
 
