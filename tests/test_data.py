@@ -17,7 +17,7 @@ from drople_fast.training.data import (
     train_transform,
     write_synthetic_coop_dataset,
 )
-from drople_fast.training.data.datasets import SPLIT_JSON_DATASETS
+from drople_fast.training.data.catalog import SPLIT_JSON_DATASETS
 
 
 def _png(path, value=128, size=8):

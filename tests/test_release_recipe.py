@@ -391,17 +391,17 @@ def test_resume_keeps_the_release_schedule_bit_exact(synthetic_root, tmp_path, m
     full = tmp_path / "full"
     trainer.train(small_config(synthetic_root, full, **kw))
     stopped = tmp_path / "stopped"
-    check = trainer._check_finite_weights
+    check = trainer.check_finite_weights
 
     def stop_after_first_epoch(learner, epoch):
         check(learner, epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # after epoch 1's checkpoint, before epoch 2's
-    monkeypatch.setattr(trainer, "_check_finite_weights", stop_after_first_epoch)
+    monkeypatch.setattr(trainer, "check_finite_weights", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(small_config(synthetic_root, stopped, **kw))
     assert trainer.load_checkpoint(str(stopped / trainer.CHECKPOINT))["epoch"] == 1
-    monkeypatch.setattr(trainer, "_check_finite_weights", check)
+    monkeypatch.setattr(trainer, "check_finite_weights", check)
     trainer.train(small_config(synthetic_root, stopped, resume=True, **kw))
     a, b = (trainer.load_checkpoint(str(d / trainer.CHECKPOINT)) for d in (full, stopped))
     assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == 3 + 1  # 1 mid-epoch-0 + 3 epochs

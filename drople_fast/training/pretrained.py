@@ -24,7 +24,6 @@ model was built, and a mismatch with an HF config is warned about.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings

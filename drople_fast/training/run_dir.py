@@ -36,7 +36,7 @@ import fcntl
 import hashlib
 import io
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 

@@ -1,18 +1,6 @@
 """Datasets in the CoOp layout, few-shot sampling, transforms and synthetic data."""
-from .datasets import (
-    CROSS_DATASET_TARGETS,
-    DATASET_TEMPLATES,
-    DG_TARGETS,
-    DatasetSplits,
-    ImageDataset,
-    Record,
-    TrainImageDataset,
-    canonical_name,
-    dataset_names,
-    get_dataset,
-    load_image,
-    load_split_json_dataset,
-)
+from .catalog import CROSS_DATASET_TARGETS, DATASET_TEMPLATES, DG_TARGETS, canonical_name, dataset_names, get_dataset
+from .datasets import DatasetSplits, ImageDataset, Record, TrainImageDataset, load_image, load_split_json_dataset
 from .sampling import (
     base_novel_labels,
     few_shot_split,
