@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from drople_fast.training.data.transforms import eval_transform, train_views
+from smoke import env_int
 
 
 def images(n: int, seed: int = 0):
@@ -45,7 +46,7 @@ def rate(transform, pics, repeat: int = 2) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=int, default=env_int("BENCH_IMAGES", 100, smoke=2))
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

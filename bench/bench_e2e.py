@@ -41,11 +41,12 @@ from drople_fast.clip import patch
 from drople_fast.training.precision import autocast
 
 from classnames import CIFAR100
+from smoke import env_int, vit_b16
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BATCH = int(os.environ.get("BENCH_BATCH", 32 if DEVICE.type == "cuda" else 8))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
-WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
+BATCH = env_int("BENCH_BATCH", 32 if DEVICE.type == "cuda" else 8, smoke=2)
+ROUNDS = env_int("BENCH_ROUNDS", 3, smoke=1)
+WARMUP = env_int("BENCH_WARMUP", 1, smoke=0)
 N_PROMPTS, PROMPT_DEPTH = 4, 6
 
 
@@ -65,10 +66,7 @@ class VisualPrompts(nn.Module):
 
 @pytest.fixture(scope="module")
 def clip():
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16", pretrained=None).to(DEVICE)
+    model = vit_b16(DEVICE)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -16,9 +16,9 @@ import torch
 
 import drople_fast as df
 from drople_fast.ops.backends import BACKENDS
-from drople_fast.ops.testing import VIT_B16_LAYER
+from smoke import IWTD_LAYER
 
-SHAPE = {name: getattr(VIT_B16_LAYER, name) for name in ("B", "S", "D", "H", "M", "P")}
+SHAPE = {name: getattr(IWTD_LAYER, name) for name in ("B", "S", "D", "H", "M", "P")}
 
 # the row every ratio in report_iwtd.py is taken against
 BASELINE = "test_iwtd_reference_eager[cpu]"
@@ -53,9 +53,8 @@ def test_iwtd_reference_compiled(run_bench, cpu_inputs):
     scalars = {k: v for k, v in cpu_inputs.items() if not isinstance(v, torch.Tensor)}
 
     @torch.compile(fullgraph=True, dynamic=False)
-    def step(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias):
-        return df.iwtd(q, k, hidden, eligible, bridge_tokens, bridge_weight, bridge_bias, backend="reference",
-                       **scalars)
+    def step(**tensor_args):  # every tensor argument the inputs hold (anchor_index, ...), by name
+        return df.iwtd(**tensor_args, backend="reference", **scalars)
 
     with torch.no_grad():
         step(**tensors)  # compile outside the timed rounds

@@ -41,12 +41,13 @@ from drople_fast.clip.config import IWTDConfig
 from drople_fast.training.precision import autocast
 
 from classnames import CIFAR100 as CLASSNAMES  # 100 names of mixed lengths
+from smoke import SMOKE, env_int, vit_b16
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BATCH = int(os.environ.get("BENCH_BATCH", 4))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
-WARMUP = int(os.environ.get("BENCH_WARMUP", 1))
-CLASS_COUNTS = [int(c) for c in os.environ.get("BENCH_CLASSES", "24,100").split(",")]
+BATCH = env_int("BENCH_BATCH", 4, smoke=2)
+ROUNDS = env_int("BENCH_ROUNDS", 3, smoke=1)
+WARMUP = env_int("BENCH_WARMUP", 1, smoke=0)
+CLASS_COUNTS = [int(c) for c in os.environ.get("BENCH_CLASSES", "4" if SMOKE else "24,100").split(",")]
 BASELINE = ("perturb", "fp32", "recomputed")
 
 CASES = [(mode, precision, "cached") for mode in ("off", "perturb", "drop", "drop_fixed")
@@ -69,7 +70,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeats: int = 3) -> float:
+def _median_time(fn, repeats: int = env_int("BENCH_PART_REPEATS", 3, smoke=1)) -> float:
     times = []
     for _ in range(repeats):
         _sync()
@@ -82,10 +83,7 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 @pytest.fixture(scope="module")
 def base_clip():
-    import open_clip
-
-    torch.manual_seed(0)
-    return open_clip.create_model("ViT-B-16", pretrained=None).to(DEVICE)
+    return vit_b16(DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Shared fixtures for the IWTD benchmarks (pytest-benchmark).
 
 Shape of one ViT-B/16 vision layer at batch 32: B=32, S=201 (CLS + 196 patches + 4 prompts),
-D=768, H=12, Dh=64, M=64 bridge tokens of width P=512.
+D=768, H=12, Dh=64, M=64 bridge tokens of width P=512 (a tiny one under BENCH_SMOKE=1: bench/smoke.py).
 
 Memory is measured in one extra, untimed call per benchmark:
 
@@ -16,22 +16,22 @@ Memory is measured in one extra, untimed call per benchmark:
 """
 from __future__ import annotations
 
-import os
 import platform
 
 import pytest
 import torch
 
-from drople_fast.ops.testing import VIT_B16_LAYER, make_inputs
+from drople_fast.ops.testing import make_inputs
+from smoke import IWTD_LAYER, env_int
 
-SHAPE = {name: getattr(VIT_B16_LAYER, name) for name in ("B", "S", "D", "H", "Dh", "M", "P")}
-ROUNDS = int(os.environ.get("IWTD_BENCH_ROUNDS", "5"))
+SHAPE = {name: getattr(IWTD_LAYER, name) for name in ("B", "S", "D", "H", "Dh", "M", "P")}
+ROUNDS = env_int("IWTD_BENCH_ROUNDS", 5, smoke=1)
 
 
 def make_iwtd_inputs(device="cpu", dtype=torch.float32, seed=0) -> dict:
     """Keyword arguments of drople_fast.iwtd at SHAPE: the tests' input builder (drople_fast.ops.testing)
     with every token but the CLS anchor eligible."""
-    return dict(make_inputs(VIT_B16_LAYER.with_(dtype=dtype), device=device, generator_seed=seed), p_min=0.1,
+    return dict(make_inputs(IWTD_LAYER.with_(dtype=dtype), device=device, generator_seed=seed), p_min=0.1,
                 p_max=0.5)
 
 

@@ -142,3 +142,11 @@ def test_run_from_an_earlier_version_is_a_one_line_error_naming_the_replacement(
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "'bf16' is gone (now precision" in err and "'randaugment' is gone (now augment" in err, err
     assert "'warmup_epochs' is gone" in err and "start a new run" in err, err
+
+
+def test_device_label_names_the_cpu_model():
+    from drople_fast.training.precision import device_label
+
+    cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512_bf16\n"
+    assert device_label(torch.device("cpu"), cpuinfo).startswith("AMD EPYC 9B14 (")
+    assert device_label("cpu", "").endswith(" cores)")  # no model name: the machine type

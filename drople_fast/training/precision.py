@@ -15,6 +15,8 @@ with the checkpoint's execution facts, so resuming an ``auto`` run on another de
 """
 from __future__ import annotations
 
+import os
+import platform
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -53,15 +55,18 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(torch.device(device).type, enabled=resolved == "fp16")
 
 
+def _cpuinfo() -> str:
+    """``/proc/cpuinfo``'s text ("" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: Optional[str] = None) -> Tuple[str, ...]:
     """The CPU's feature flags from ``/proc/cpuinfo`` text (read from the file if not given; () if unreadable)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return ()
-    for line in cpuinfo.splitlines():
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             return tuple(value.split())
@@ -72,3 +77,13 @@ def cpu_bf16_hardware(flags: Iterable[str]) -> Tuple[str, ...]:
     """Which of :data:`BF16_CPU_FLAGS` ``flags`` has (empty: bf16 on this CPU is emulated and slow)."""
     have = set(flags)
     return tuple(f for f in BF16_CPU_FLAGS if f in have)
+
+
+def device_label(device: torch.device, cpuinfo: Optional[str] = None) -> str:
+    """What a run trained on, for reports: the CUDA device's name, or the CPU's model name and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
+    names = [v.strip() for k, _, v in (line.partition(":") for line in lines) if k.strip() == "model name"]
+    return f"{names[0] if names else platform.machine() or 'CPU'} ({os.cpu_count()} cores)"

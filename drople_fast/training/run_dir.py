@@ -93,19 +93,19 @@ def fingerprint(config: Dict, plan, root: str) -> Dict:
             "data": None if plan is None else data_fingerprint(plan, root), "version": __version__}
 
 
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+def flatten_fields(d: Any, prefix: str = "") -> Dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
     out: Dict[str, Any] = {}
     for k, v in d.items():
         name = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flatten(v, name) if isinstance(v, dict) else {name: v})
+        out.update(flatten_fields(v, name) if isinstance(v, dict) else {name: v})
     return out
 
 
 def fingerprint_diff(saved: Dict, now: Dict) -> List[str]:
     """``"field: old -> new"`` for every differing field (``config.`` prefix dropped)."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten_fields(saved), flatten_fields(now)
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):

@@ -30,7 +30,7 @@ from .config import TRAIN_DEFAULTS, TrainConfig, check_device_name, default_of  
 from .epoch import NonFiniteError, check_finite_weights, train_one_epoch  # noqa: F401
 from .evaluation import evaluate_plan, evaluate_split, final_metrics, results_table  # noqa: F401
 from .fileio import atomic_json, atomic_text, read_json_object
-from .precision import grad_scaler, resolve_precision
+from .precision import device_label, grad_scaler, resolve_precision
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import build_scheduler, release_lr_lambda  # noqa: F401
 
@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             return {}
         accs, zs = evaluate_plan(learner, plan, cfg, device, image_size)
         info = {"epochs": cfg.epochs, "shots": cfg.shots, "mode": cfg.iwtd.mode, "model": cfg.model,
+                "precision": resolve_precision(cfg.precision, device), "device": device_label(device),
                 "pretrained": cfg.pretrained, "world_size": world, "train_time_s": train_time,
                 "images_per_s": images_seen / train_time if train_time > 0 else 0.0,
                 "final_loss": history[-1]["loss"] if history else None, "run_dir": os.path.abspath(out)}
