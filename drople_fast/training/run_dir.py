@@ -55,7 +55,7 @@ CHECKPOINT_KEYS = ("format", "epoch", "config", "fingerprint", "learner", "patch
                    "history", "execution")
 # TrainConfig fields that do not change the numbers (so they are not fingerprinted).
 NOT_FINGERPRINTED = frozenset({"resume", "progress", "output_dir", "device", "eval_batch_size", "root",
-                               "fewshot_cache", "num_workers", "num_threads"})
+                               "fewshot_cache", "num_workers", "num_threads", "dataset_dir", "tensorboard"})
 
 
 class RunDirError(ValueError):

@@ -218,7 +218,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
         if main:
             run.start(cfg.to_dict(), fp)
             logger, log_notes = open_run_loggers(out, start_epoch, steps, cfg.tensorboard)
-            print(startup_summary(cfg, plan, learner, device, steps, log_notes), file=sys.stderr, flush=True)
+            print(startup_summary(cfg, plan, learner, device, steps, log_notes), flush=True)
         train_time = sum(h["time_s"] for h in history)
         images_seen = sum(h["images"] for h in history)
         bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, desc=f"train {plan.dataset}", unit="step",

@@ -188,7 +188,8 @@ def check_readable(records: Iterable[Record]) -> None:
             with Image.open(r.path) as im:
                 im.size  # noqa: B018 - the header is parsed on open; size proves it was
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{r.path} (class {r.classname!r}) is not a readable image: {exc}") from exc
+            reason = " ".join(str(exc).replace(repr(r.path), "").replace(r.path, "").split())  # PIL repeats the path
+            raise ValueError(f"{r.path} (class {r.classname!r}) is not a readable image: {reason}") from exc
 
 
 def check_no_duplicates(splits: Dict[str, List[Record]], source: str) -> None:
