@@ -1,4 +1,4 @@
-"""The ``drople-fast`` console script: train, eval, launch, report, demo, info.
+"""The ``drople-fast`` console script: train, eval, launch, export, report, demo, info.
 
 Bad input (unknown dataset/protocol/model, contradictory options, missing
 paths, unreadable, damaged or mismatched checkpoints and configs, too few
@@ -87,7 +87,7 @@ def _add_train_options(p: argparse.ArgumentParser, single: bool = True) -> None:
                    help=f"long_tail imbalance factor (None: {default_of('imbalance')})")
     p.add_argument("--device", default=default_of("device"), help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=default_of("num_workers"), help="data loader workers")
-    p.add_argument("--precision", default=default_of("precision"), choices=PRECISIONS,
+    p.add_argument("--precision", default=default_of("precision"), metavar="{" + ",".join(PRECISIONS) + "}",
                    help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, also on the CPU: "
                         "see drople-fast info) | fp16 (autocast with a loss scaler)")
     p.add_argument("--augment", default=default_of("augment"), choices=AUGMENTATIONS,
