@@ -304,3 +304,28 @@ def test_info_rebuild_hint(monkeypatch, capsys):
     assert rows["rebuild"].startswith("pip install --no-build-isolation -e .")
     monkeypatch.undo()
     assert "rebuild" not in dict(info.report())
+
+
+def test_drop_under_fullgraph_names_drop_fixed():
+    import torch
+
+    import drople_fast as df
+    from drople_fast.ops.functional import DROP_FULLGRAPH
+    from drople_fast.training.tiny_clip import create_tiny_clip
+
+    model = create_tiny_clip(vision_cfg={"layers": 2}, text_cfg={"layers": 2})
+    df.apply(model, df.IWTDConfig(mode="drop", backend="reference", vision_layers=(0,), text_layers=()))
+    model.train()
+    images = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception) as info:
+            torch.compile(model.encode_image, fullgraph=True, backend="eager")(images)
+        assert "use drop_fixed for fullgraph" in str(info.value) and DROP_FULLGRAPH in str(info.value)
+        assert "\n" not in DROP_FULLGRAPH
+        # without fullgraph the graph just breaks there, and eager is untouched
+        torch._dynamo.reset()
+        assert torch.compile(model.encode_image, backend="eager")(images).shape == (2, 32)
+    finally:
+        torch._dynamo.reset()
+    assert model.encode_image(images).shape == (2, 32)
