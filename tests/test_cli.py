@@ -329,3 +329,14 @@ def test_drop_under_fullgraph_names_drop_fixed():
     finally:
         torch._dynamo.reset()
     assert model.encode_image(images).shape == (2, 32)
+
+
+def test_fields_added_later_keep_old_fingerprints():
+    from drople_fast.training import run_dir as rd
+    from drople_fast.training.config import TrainConfig
+
+    old_style = rd.fingerprint(TrainConfig().to_dict(), None, "")["config"]
+    assert not set(old_style) & {"split_file", "image_dir", "template", "allow_fewer", "dataset_dir", "tensorboard"}
+    changed = rd.fingerprint(TrainConfig(allow_fewer=True, template="{} fruit.").to_dict(), None, "")["config"]
+    assert rd.fingerprint_diff(old_style, changed) == ["allow_fewer: '<absent>' -> True",
+                                                       "template: '<absent>' -> '{} fruit.'"]
