@@ -32,6 +32,11 @@ def report() -> list[tuple[str, str]]:
         ("open_clip", _version("open_clip_torch")),
     ]
     rows += [(f"iwtd backend {name}", status) for name, status in describe()]
+    from .ops.library import REBUILD_COMMAND, cpp_extension_error
+
+    if cpp_extension_error() is not None:
+        rows.append(("rebuild", f"{REBUILD_COMMAND}  (from the source folder: builds drople_fast._C against "
+                                f"this torch {torch.__version__})"))
     rows.append(("attention sdpa", "usable"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = xformers_unavailable(device)

@@ -284,3 +284,96 @@ def test_transforms():
     assert not torch.equal(a, b)  # training transform is random
     with pytest.raises(ValueError, match="image_size"):
         eval_transform(0)
+
+
+# --------------------------------------------------------------------------
+# a dataset of your own (CoOp layout, any name)
+
+from drople_fast.training.data.catalog import (CustomDataset, DATASET_TEMPLATES, DEFAULT_TEMPLATE,  # noqa: E402
+                                               custom_dataset, find_split_file, read_custom, split_file_name,
+                                               template_of)
+from own_data import FRUITS, write_own_dataset, write_split  # noqa: E402
+
+
+def _own(folder, name="MyFruits", **kw):
+    return CustomDataset(name, str(folder), f"split_zhou_{name}.json", **kw)
+
+
+@pytest.mark.parametrize("image_dir", ["images", ""])
+def test_own_dataset_reads_with_class_names_from_the_split(tmp_path, image_dir):
+    split = write_own_dataset(str(tmp_path), image_dir=image_dir)
+    assert find_split_file(str(tmp_path)) == "split_zhou_MyFruits.json"
+    assert split_file_name("x/split_zhou_MyFruits.json") == "MyFruits" and split_file_name("fruits.json") == "fruits"
+    spec = _own(tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'MyFruits'.*--dataset-dir"):
+        canonical_name("MyFruits")  # outside the scope it is not known
+    with custom_dataset(spec):
+        assert canonical_name("MyFruits") == "MyFruits"
+        ds = get_dataset("MyFruits", str(tmp_path / "not-used"))
+    assert ds.name == "MyFruits" and ds.classnames == list(FRUITS)
+    assert [len(ds.train), len(ds.val), len(ds.test)] == [12, 4, 8]
+    expected = os.path.join(str(tmp_path), image_dir, split["test"][3][0]) if image_dir else \
+        os.path.join(str(tmp_path), split["test"][3][0])
+    assert ds.test[3].path == expected and ds.test[3].label == 1
+    assert os.path.isfile(ds.test[3].path)
+
+
+def test_own_dataset_name_shadows_a_known_one_only_in_scope(tmp_path):
+    write_own_dataset(str(tmp_path), name="DTD")
+    spec = _own(tmp_path, name="DTD", template="a close-up of {}.")
+    assert template_of("DTD") == DATASET_TEMPLATES["DTD"] == "{} texture."
+    with custom_dataset(spec):
+        assert template_of("DTD") == "a close-up of {}."  # never DTD's texture template for your data
+        assert get_dataset("DTD", str(tmp_path / "nowhere")).classnames == list(FRUITS)
+    with custom_dataset(_own(tmp_path, name="DTD")):
+        assert template_of("DTD") == DEFAULT_TEMPLATE
+    assert canonical_name("dtd") == "DTD" and template_of("OxfordPets") == "a photo of a {}, a type of pet."
+
+
+def test_own_dataset_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no split_zhou"):
+        find_split_file(str(tmp_path))
+    split = write_own_dataset(str(tmp_path))
+    write_split(str(tmp_path), "Other", split)
+    with pytest.raises(FileNotFoundError, match=r"2 split files \(split_zhou_MyFruits.json, split_zhou_Other.json\)"):
+        find_split_file(str(tmp_path))
+    split_path = str(tmp_path / "split_zhou_MyFruits.json")
+
+    def fails(data, exc, pattern):
+        write_split(str(tmp_path), "MyFruits", data)
+        with pytest.raises(exc, match=pattern):
+            read_custom(_own(tmp_path))
+
+    victim = split["test"][0][0]
+    fails(dict(split, test=split["test"] + [["apple/nowhere.png", 0, "apple"]]), FileNotFoundError,
+          "nowhere.png")
+    out_of_range = dict(split, test=split["test"] + [[victim, 7, "fig"]])
+    fails(out_of_range, ValueError, rf"{split_path}: labels must be 0..K-1.*label 7 \(class 'fig'\)")
+    fails(dict(split, val=split["val"] + [[victim, -1, "fig"]]), ValueError, "label -1 \\(class 'fig'\\) is out of range")
+    fails(dict(split, test=split["test"] + [split["test"][0]]), ValueError,
+          f"image .*{victim} is listed twice in split 'test'")
+    fails(dict(split, train=split["train"] + [split["test"][0]]), ValueError,
+          f"image .*{victim} is listed in splits 'train' and 'test'")
+    fails(dict(split, train=split["train"] + [["../escape.png", 0, "apple"]]), ValueError, "leaves the image folder")
+    write_split(str(tmp_path), "MyFruits", split)
+    assert read_custom(_own(tmp_path)).num_classes == 4
+
+
+def test_known_datasets_refuse_duplicates(tmp_path):
+    # the same check guards the known split-file datasets
+    split = _write_split_json_dataset(str(tmp_path), "EuroSAT")
+    path = tmp_path / "eurosat" / "split_zhou_EuroSAT.json"
+    path.write_text(json.dumps(dict(split, train=split["train"] + [split["test"][0]])))
+    with pytest.raises(ValueError, match="listed in splits 'train' and 'test'"):
+        get_dataset("EuroSAT", str(tmp_path))
+
+
+def test_unreadable_image_is_named_with_its_class(tmp_path):
+    from drople_fast.training.data.datasets import check_readable
+
+    split = write_own_dataset(str(tmp_path))
+    ds = read_custom(_own(tmp_path))
+    check_readable(ds.train)  # all fine
+    (tmp_path / "images" / split["train"][4][0]).write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"banana/train_1.png \(class 'banana'\) is not a readable image"):
+        check_readable(ds.train)

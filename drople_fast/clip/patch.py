@@ -24,7 +24,7 @@ from .attention import Layout, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
-from ..ops.functional import IWTDOutput, compact_fixed, iwtd
+from ..ops.functional import IWTDOutput, break_for_data_dependent_width, compact_fixed, iwtd
 from ..ops.primitives import keep_order
 from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
@@ -134,6 +134,7 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
             order, count = keep_order(out.valid & ~out.drop_mask & ~doomed)
         # The layer's one device-to-host sync: the kept counts, which give the new width and let the
         # next layers run their per-token work on the kept rows (and packed attention) without another.
+        break_for_data_dependent_width()  # under fullgraph=True: "use drop_fixed for fullgraph"
         lengths = tuple(count.tolist())
         return tokens.keep_index(order[:, : max(lengths, default=0)], prompts_removed=replace_next, lengths=lengths)
     # drop_fixed: exactly `keep` of the eligible (non-doomed) tokens, static shapes

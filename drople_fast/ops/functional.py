@@ -13,6 +13,17 @@ from .primitives import bridge_features, fold_bridge, keep_order
 from .validation import check_iwtd_args
 
 
+DROP_FULLGRAPH = ("drople_fast: mode 'drop' compacts to data-dependent widths, which torch.compile(fullgraph=True) "
+                  "cannot trace: use drop_fixed for fullgraph (compact_fixed, IWTDConfig(mode='drop_fixed'))")
+
+
+def break_for_data_dependent_width() -> None:
+    """Under torch.compile, break the graph here with :data:`DROP_FULLGRAPH` as the reason, so fullgraph=True
+    fails naming the way out rather than in a symbolic-shape guard deep in attention; eager: nothing."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=DROP_FULLGRAPH)
+
+
 class IWTDOutput(NamedTuple):
     """Result of one IWTD step. All (B, S) tensors are indexed by original position."""
 
@@ -40,6 +51,7 @@ class IWTDOutput(NamedTuple):
     @property
     def keep_index(self) -> torch.Tensor:
         """(B, max keep_count) kept positions in original order, padded with -1 (data-dependent width)."""
+        break_for_data_dependent_width()
         width = int(self.keep_count.max()) if self.keep_count.numel() else 0
         return self.keep_order[:, :width]
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+# --no-build-isolation: the extension must compile against the installed torch, not a fresh one pip fetches
+REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 _CPP_ERROR: Optional[str] = None
 _CPP_LOADED = False
 
@@ -25,7 +27,7 @@ def load_cpp_extension() -> None:
     try:
         importlib.import_module("drople_fast._C")
     except (ImportError, OSError) as err:
-        _CPP_ERROR = f"C++ extension drople_fast._C is not built ({err}); run `pip install -e .`"
+        _CPP_ERROR = f"C++ extension drople_fast._C is not built ({err}); run `{REBUILD_COMMAND}`"
         raise RuntimeError(_CPP_ERROR) from err
     torch.library.register_fake("drople_fast::iwtd_cpu")(fused_fake)
     _CPP_LOADED = True

@@ -34,19 +34,19 @@ def build_clip(model: str, pretrained: Optional[str] = None, device: torch.devic
     """An (unpatched) open_clip model, with local weights loaded if ``pretrained`` is given."""
     import open_clip
 
-    from .pretrained import load_pretrained
+    from .pretrained import load_pretrained, missing_weights_message, quiet_random_init, random_weights_warning
     from .tiny_clip import create_tiny_clip
 
-    if model == "tiny":
-        clip = create_tiny_clip(seed=0)
-    else:
-        if model not in open_clip.list_models():
-            raise ValueError(f"unknown model {model!r}; use 'tiny' or an open_clip name such as 'ViT-B-16'")
-        clip = open_clip.create_model(model, pretrained=None)
+    if pretrained is not None and not os.path.exists(pretrained):
+        raise FileNotFoundError(missing_weights_message(pretrained))
+    if model != "tiny" and model not in open_clip.list_models():
+        raise ValueError(f"unknown model {model!r}; use 'tiny' or an open_clip name such as 'ViT-B-16'")
+    with quiet_random_init():  # the weights are loaded below, or random on purpose (tiny)
+        clip = create_tiny_clip(seed=0) if model == "tiny" else open_clip.create_model(model, pretrained=None)
     if pretrained is not None:
-        if not os.path.exists(pretrained):
-            raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
         load_pretrained(clip, pretrained)
+    elif model != "tiny":
+        print(random_weights_warning(model), file=sys.stderr, flush=True)
     return clip.to(device)
 
 
@@ -63,12 +63,28 @@ def _writable_dir(path: str) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def data_root(cfg: TrainConfig) -> str:
+    """The folder the run's data lives in: ``dataset_dir`` for a dataset of your own, else ``root``."""
+    return cfg.dataset_dir if cfg.own_dataset else cfg.root
+
+
+def own_dataset_spec(cfg: TrainConfig):
+    """The :class:`~drople_fast.training.data.catalog.CustomDataset` of ``cfg``, or None for a known dataset."""
+    from .data.catalog import CustomDataset, find_split_file
+
+    if not cfg.own_dataset:
+        return None
+    split = cfg.split_file if cfg.split_file is not None else find_split_file(cfg.dataset_dir)
+    return CustomDataset(cfg.dataset, cfg.dataset_dir, split, cfg.image_dir, cfg.template)
+
+
 def fewshot_cache_dir(cfg: TrainConfig) -> Optional[str]:
-    """Where few-shot samples are cached: ``--fewshot-cache``, else ``<root>/split_fewshot``, else (a
-    read-only root) ``$XDG_CACHE_HOME/drople_fast/split_fewshot`` (logged); None if nothing is writable."""
+    """Where few-shot samples are cached: ``--fewshot-cache``, else ``<root>/split_fewshot`` (``<dataset_dir>/
+    split_fewshot`` for a dataset of your own), else (a read-only folder)
+    ``$XDG_CACHE_HOME/drople_fast/split_fewshot`` (logged); None if nothing is writable."""
     if cfg.fewshot_cache is not None:
         return cfg.fewshot_cache
-    cache = os.path.join(cfg.root, "split_fewshot")
+    cache = os.path.join(data_root(cfg), "split_fewshot")
     if _writable_dir(cache):
         return cache
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -82,9 +98,32 @@ def fewshot_cache_dir(cfg: TrainConfig) -> Optional[str]:
 
 
 def make_plan(cfg: TrainConfig) -> Plan:
+    from .data.catalog import custom_dataset
+
+    spec = own_dataset_spec(cfg)
     cache = fewshot_cache_dir(cfg)
-    return build_plan(cfg.protocol, cfg.dataset, cfg.root, cfg.shots, cfg.seed, cache_dir=cache,
-                      targets=cfg.targets, imbalance=cfg.imbalance)
+    with custom_dataset(spec):
+        plan = build_plan(cfg.protocol, cfg.dataset, cfg.root, cfg.shots, cfg.seed, cache_dir=cache,
+                          targets=cfg.targets, imbalance=cfg.imbalance, allow_fewer=cfg.allow_fewer)
+    check_plan_images(plan)
+    return plan
+
+
+# Header-parsing an image costs about one file open; past this many the check would take seconds, so
+# a full-data ImageNet run checks nothing up front (an unreadable image is still named when it is read).
+READABLE_CHECK_LIMIT = 50_000
+
+
+def check_plan_images(plan: Plan) -> None:
+    """The readers check that every image exists; here the images of the run must also decode: the
+    training ones, and the evaluation ones too when all of them together are few enough."""
+    from .data.datasets import check_readable
+
+    evals = [r for split in plan.evals for r in split.records]
+    if len(plan.train_records) + len(evals) <= READABLE_CHECK_LIMIT:
+        check_readable(list(plan.train_records) + evals)
+    elif len(plan.train_records) <= READABLE_CHECK_LIMIT:
+        check_readable(plan.train_records)
 
 
 def make_learner(cfg: TrainConfig, clip, classnames: Sequence[str], rank: int = 0):
@@ -93,14 +132,27 @@ def make_learner(cfg: TrainConfig, clip, classnames: Sequence[str], rank: int = 
     iwtd = dataclasses.replace(cfg.iwtd, seed=derive_seed(cfg.iwtd.seed, cfg.seed, rank))
     apply(clip, iwtd)
     return DroPLe(clip, classnames, n_ctx=cfg.n_ctx, text_depth=cfg.text_depth, vision_depth=cfg.vision_depth,
-                  lora_rank=cfg.lora_rank, dataset=_dataset_of(cfg), descriptions=cfg.descriptions,
-                  loss_weights=cfg.loss_weights)
+                  lora_rank=cfg.lora_rank, dataset=_dataset_of(cfg), templates=teacher_templates(cfg),
+                  descriptions=cfg.descriptions, loss_weights=cfg.loss_weights)
 
 
 def _dataset_of(cfg: TrainConfig) -> str:
     from .data import canonical_name
 
-    return canonical_name(cfg.dataset)
+    return cfg.dataset if cfg.own_dataset else canonical_name(cfg.dataset)
+
+
+def teacher_templates(cfg: TrainConfig) -> Optional[list]:
+    """The teacher's templates: None (the learner's default: the known dataset's CoOp template, then the
+    ensemble) unless ``cfg.template`` is set or the dataset is your own ("a photo of a {}." by default:
+    a known dataset's template never applies to your data, even under its name)."""
+    from .data.catalog import DEFAULT_TEMPLATE
+    from .learner import DEFAULT_TEMPLATES
+
+    if cfg.template is None and not cfg.own_dataset:
+        return None
+    first = cfg.template or DEFAULT_TEMPLATE
+    return [first] + [t for t in DEFAULT_TEMPLATES if t != first]
 
 
 @dataclass

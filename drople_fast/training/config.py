@@ -22,9 +22,10 @@ from .protocols import canonical_protocol
 _INT_FIELDS = ("shots", "seed", "epochs", "batch_size", "lora_rank", "n_ctx", "text_depth", "vision_depth",
                "num_workers", "eval_batch_size")
 _FLOAT_FIELDS = ("lr", "lora_lr", "weight_decay", "imbalance", "crop_scale_min")
-_BOOL_FIELDS = ("teacher_cache", "resume", "progress")
+_BOOL_FIELDS = ("teacher_cache", "resume", "progress", "allow_fewer", "tensorboard")
 _STR_FIELDS = ("dataset", "root", "protocol", "model", "output_dir", "device", "augment", "precision")
-_OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache")
+_OPTIONAL_STR_FIELDS = ("pretrained", "descriptions", "fewshot_cache", "dataset_dir", "split_file", "image_dir",
+                        "template")
 
 # Fields of earlier versions, replaced when training took the release's recipe: their runs do not load.
 _REMOVED_FIELDS = {"bf16": "now precision: auto | fp32 | bf16 | fp16",
@@ -95,6 +96,16 @@ class TrainConfig:
     num_threads: Optional[int] = None
     resume: bool = False
     progress: bool = True
+    # A dataset of your own (docs/own-data.md): the folder in the CoOp layout holding the split file and
+    # the images; ``dataset`` names it. ``split_file`` (relative to dataset_dir; without dataset_dir a path
+    # whose folder becomes dataset_dir), ``image_dir`` (inside it), ``template`` (the teacher's first template,
+    # "{}" for the class name; also overrides a known dataset's).
+    dataset_dir: Optional[str] = None
+    split_file: Optional[str] = None
+    image_dir: Optional[str] = None
+    template: Optional[str] = None
+    allow_fewer: bool = False  # a class with fewer training images than shots keeps all it has
+    tensorboard: bool = True  # also log to <output_dir>/tensorboard when torch.utils.tensorboard imports
 
     def __post_init__(self):
         self._check_types()
@@ -129,6 +140,27 @@ class TrainConfig:
             raise ValueError(f"imbalance only applies to the long_tail protocol, not {self.protocol}")
         check_device_name(self.device)
         check_precision(self.precision)
+        self._check_own_dataset()
+
+    def _check_own_dataset(self) -> None:
+        import os
+
+        if self.template is not None and self.template.count("{}") != 1:
+            raise ValueError(f"template must hold '{{}}' (the class name) exactly once, got {self.template!r}")
+        if self.split_file is not None and self.dataset_dir is None:
+            self.dataset_dir = os.path.dirname(os.path.abspath(self.split_file))
+            self.split_file = os.path.basename(self.split_file)
+        if self.dataset_dir is None:
+            if self.image_dir is not None:
+                raise ValueError("image_dir only applies to a dataset of your own (dataset_dir or split_file)")
+            return
+        if not self.dataset or self.dataset in (".", "..") or any(c in self.dataset for c in "/\\"):
+            raise ValueError(f"dataset (the name of your dataset) must be a plain name, got {self.dataset!r}")
+
+    @property
+    def own_dataset(self) -> bool:
+        """The dataset is the user's folder ``dataset_dir``, not a known one under ``root``."""
+        return self.dataset_dir is not None
 
     def _check_types(self) -> None:
         """Field types, so a hand-edited config.json fails with the field named (not deep inside a run)."""

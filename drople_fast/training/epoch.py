@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -15,7 +15,9 @@ class NonFiniteError(ValueError):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, precision: str, epoch: int, epochs: int,
-                    world: int = 1, teacher_cache=None, scaler=None) -> Tuple[Dict[str, float], int, int]:
+                    world: int = 1, teacher_cache=None, scaler=None,
+                    on_step: Optional[Callable[[int, Dict[str, float], Tuple[float, ...], int], None]] = None,
+                    ) -> Tuple[Dict[str, float], int, int]:
     """One pass over ``loader``: (summed loss terms, batches, images over all ranks).
 
     As the release's ``train`` (release/train_drople.py:363-384): the scheduler steps once before batch
@@ -31,6 +33,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision: str,
 
     Raises :class:`NonFiniteError` naming the epoch and step on a NaN/inf loss (checked on the value
     already copied to the host for the running sums: no extra synchronisation).
+
+    ``on_step(step, terms, lrs, images)`` is called after every optimiser step with the 0-based step,
+    the loss terms as host floats (the values the sums add), every parameter group's learning rate
+    for that step and the step's images over all ranks (the progress bar and the per-step logs).
     """
     sums: Dict[str, float] = {}
     n_batches = n_images = 0
@@ -51,18 +57,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision: str,
             teacher = {"teacher_images": teacher_images.to(device)}
         with autocast(precision, device):
             _, terms = model(images, labels, epoch, epochs, **teacher)
+        lrs = tuple(float(group["lr"]) for group in optimizer.param_groups)  # this step's rates
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["total"]).backward()
         scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         scaler.update()
+        values: Dict[str, float] = {}
         for k, v in terms.items():
             value = float(v.detach())
             if not math.isfinite(value):
                 raise NonFiniteError(f"training diverged: loss term {k!r} is {value} at epoch {epoch + 1} step "
                                      f"{step + 1} of {steps}; the run is stopped (lower --lr?)")
             sums[k] = sums.get(k, 0.0) + value
+            values[k] = value
         n_batches += 1
         n_images += labels.numel() * world
+        if on_step is not None:
+            on_step(step, values, lrs, labels.numel() * world)
     scheduler.step()
     return sums, n_batches, n_images
 

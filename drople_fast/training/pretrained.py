@@ -24,6 +24,8 @@ model was built, and a mismatch with an HF config is warned about.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
@@ -207,13 +209,52 @@ def _activation(model: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------
+# messages
+
+# open_clip.create_model(..., pretrained=None) logs this on the root logger; the project builds models that
+# way and loads local weights itself (or, for the test-sized CLIP, means random weights), so it misleads.
+_OPEN_CLIP_RANDOM_INIT = "No pretrained weights loaded for model"
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_OPEN_CLIP_RANDOM_INIT)
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building a model
+    whose weights this project loads itself (every other open_clip message still shows)."""
+    root, flt = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def missing_weights_message(path: str) -> str:
+    """``--pretrained`` names local files only: a missing path (an open_clip tag such as ``openai`` among
+    them) gets an error that says so."""
+    return (f"pretrained weights not found: {path} (--pretrained takes a local file or folder only: nothing "
+            "downloads, so open_clip tags such as 'openai' or 'laion2b_s34b_b88k' do not work; download the "
+            "weights once and pass the file)")
+
+
+def random_weights_warning(model: str) -> str:
+    return (f"drople-fast: WARNING: --model {model} without --pretrained trains from RANDOM weights: prompt "
+            "learning needs a pretrained CLIP, expect near-chance accuracy; pass --pretrained FILE (local "
+            "open_clip / OpenAI / Hugging Face weights)")
+
+
+# --------------------------------------------------------------------------
 # public API
 
 def read_state_dict(path: str, weights_only: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
     """Read any supported checkpoint into open_clip names; returns (state dict, format)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(missing_weights_message(path))
     if os.path.isdir(path):
         sd, fmt = _read_hf_folder(path), "hf"
     else:

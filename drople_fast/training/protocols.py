@@ -62,22 +62,23 @@ def _test(ds: DatasetSplits, key: str) -> EvalSplit:
 
 
 def base_to_novel(dataset: str, root: str, shots: int = 16, seed: int = 1, cache_dir: Optional[str] = None,
-                  **_) -> Plan:
+                  allow_fewer: bool = False, **_) -> Plan:
     """Train on the base half of the classes (few-shot), test on base and on novel classes."""
     ds = get_dataset(dataset, root)
     base, novel = subsample_classes(ds, "base"), subsample_classes(ds, "novel")
     if not novel.classnames:
         raise ValueError(f"{ds.name} has {ds.num_classes} class(es): base-to-novel needs at least 2")
-    train = few_shot_split(base, "train", shots, seed, cache_dir)
+    train = few_shot_split(base, "train", shots, seed, cache_dir, allow_fewer)
     _check_nonempty(train, f"training split of {base.name}")
     _check_every_class(train, base.classnames, f"training split of {base.name}")
     return Plan("base2novel", ds.name, list(base.classnames), train,
                 [_test(base, "base_acc"), _test(novel, "novel_acc")], {"shots": shots})
 
 
-def _all_classes(protocol: str, source: str, root: str, shots: int, seed: int, cache_dir, targets) -> Plan:
+def _all_classes(protocol: str, source: str, root: str, shots: int, seed: int, cache_dir, targets,
+                 allow_fewer: bool = False) -> Plan:
     ds = get_dataset(source, root)
-    train = few_shot_split(ds, "train", shots, seed, cache_dir)
+    train = few_shot_split(ds, "train", shots, seed, cache_dir, allow_fewer)
     _check_nonempty(train, f"training split of {ds.name}")
     _check_every_class(train, ds.classnames, f"training split of {ds.name}")
     evals = [_test(ds, "acc")]
@@ -88,36 +89,40 @@ def _all_classes(protocol: str, source: str, root: str, shots: int, seed: int, c
 
 
 def cross_dataset(dataset: str = "ImageNet", root: str = ".", shots: int = 16, seed: int = 1,
-                  cache_dir: Optional[str] = None, targets: Optional[Sequence[str]] = None, **_) -> Plan:
+                  cache_dir: Optional[str] = None, targets: Optional[Sequence[str]] = None, allow_fewer: bool = False,
+                  **_) -> Plan:
     """Train on ``dataset`` (ImageNet) with all its classes; test every target on ALL its classes."""
     source = canonical_name(dataset)
     targets = [canonical_name(t) for t in (targets if targets is not None else CROSS_DATASET_TARGETS)]
-    return _all_classes("cross_dataset", source, root, shots, seed, cache_dir, [t for t in targets if t != source])
+    return _all_classes("cross_dataset", source, root, shots, seed, cache_dir, [t for t in targets if t != source],
+                        allow_fewer)
 
 
 def domain_generalization(dataset: str = "ImageNet", root: str = ".", shots: int = 16, seed: int = 1,
-                          cache_dir: Optional[str] = None, targets: Optional[Sequence[str]] = None, **_) -> Plan:
+                          cache_dir: Optional[str] = None, targets: Optional[Sequence[str]] = None,
+                          allow_fewer: bool = False, **_) -> Plan:
     """Train on ImageNet (all classes); test on ImageNet and its variants V2 / Sketch / A / R."""
     targets = [canonical_name(t) for t in (targets if targets is not None else DG_TARGETS)]
-    return _all_classes("dg", canonical_name(dataset), root, shots, seed, cache_dir, targets)
+    return _all_classes("dg", canonical_name(dataset), root, shots, seed, cache_dir, targets, allow_fewer)
 
 
-def few_shot(dataset: str, root: str, shots: int = 16, seed: int = 1, cache_dir: Optional[str] = None, **_) -> Plan:
+def few_shot(dataset: str, root: str, shots: int = 16, seed: int = 1, cache_dir: Optional[str] = None,
+             allow_fewer: bool = False, **_) -> Plan:
     """All classes, ``shots`` (1/2/4/8/16) images per class; test on all classes."""
     if shots <= 0:
         raise ValueError(f"few-shot needs shots >= 1, got {shots}")
     ds = get_dataset(dataset, root)
-    train = few_shot_split(ds, "train", shots, seed, cache_dir)
+    train = few_shot_split(ds, "train", shots, seed, cache_dir, allow_fewer)
     _check_every_class(train, ds.classnames, f"training split of {ds.name}")
     return Plan("few_shot", ds.name, list(ds.classnames), train, [_test(ds, "acc")], {"shots": shots})
 
 
 def long_tail(dataset: str, root: str, shots: int = 0, seed: int = 1, cache_dir: Optional[str] = None,
-              imbalance: float = 10.0, **_) -> Plan:
+              imbalance: float = 10.0, allow_fewer: bool = False, **_) -> Plan:
     """Long-tailed training set (class i keeps n_max·(1/imbalance)^(i/(C-1)) images; n_max =
     ``shots`` when > 0, else the full split); test on all classes."""
     ds = get_dataset(dataset, root)
-    pool = few_shot_split(ds, "train", shots, seed, cache_dir) if shots > 0 else list(ds.train)
+    pool = few_shot_split(ds, "train", shots, seed, cache_dir, allow_fewer) if shots > 0 else list(ds.train)
     train = long_tail_subsample(pool, imbalance, seed)
     _check_nonempty(train, f"training split of {ds.name}")
     return Plan("long_tail", ds.name, list(ds.classnames), train, [_test(ds, "acc")],
@@ -144,11 +149,12 @@ def canonical_protocol(name: str) -> str:
 
 
 def build_plan(protocol: str, dataset: str, root: str, shots: int, seed: int, cache_dir: Optional[str] = None,
-               targets: Optional[Sequence[str]] = None, imbalance: float = 10.0) -> Plan:
-    """Dispatch to the protocol function (names: :data:`PROTOCOLS` keys or their aliases)."""
+               targets: Optional[Sequence[str]] = None, imbalance: float = 10.0, allow_fewer: bool = False) -> Plan:
+    """Dispatch to the protocol function (names: :data:`PROTOCOLS` keys or their aliases). ``allow_fewer``:
+    a class with fewer training images than ``shots`` keeps them all instead of failing."""
     fn = PROTOCOLS[canonical_protocol(protocol)]
     return fn(dataset=dataset, root=root, shots=shots, seed=seed, cache_dir=cache_dir, targets=targets,
-              imbalance=imbalance)
+              imbalance=imbalance, allow_fewer=allow_fewer)
 
 
 def metrics_from_accuracies(plan: Plan, accs: Dict[str, float]) -> Dict[str, float]:

@@ -55,7 +55,11 @@ CHECKPOINT_KEYS = ("format", "epoch", "config", "fingerprint", "learner", "patch
                    "history", "execution")
 # TrainConfig fields that do not change the numbers (so they are not fingerprinted).
 NOT_FINGERPRINTED = frozenset({"resume", "progress", "output_dir", "device", "eval_batch_size", "root",
-                               "fewshot_cache", "num_workers", "num_threads"})
+                               "fewshot_cache", "num_workers", "num_threads", "dataset_dir", "tensorboard"})
+
+# TrainConfig fields added after runs were written, with their defaults: at the default they are left out of the
+# fingerprint, so those runs still match (resume, reuse, eval) a config that has the field.
+ADDED_FIELDS = {"split_file": None, "image_dir": None, "template": None, "allow_fewer": False}
 
 
 class RunDirError(ValueError):
@@ -89,7 +93,8 @@ def fingerprint(config: Dict, plan, root: str) -> Dict:
     """The run's fingerprint; ``plan`` None leaves the data part out (checking a config alone)."""
     from .. import __version__
 
-    return {"config": {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED},
+    return {"config": {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED
+                       and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])},
             "data": None if plan is None else data_fingerprint(plan, root), "version": __version__}
 
 

@@ -24,14 +24,15 @@ import torch
 
 from ..clip.patch import load_patch_state_dict, patch_state_dict
 from . import run_dir as rd
-from .build import (TrainingSetup, build_clip, build_teacher_cache, build_training, fewshot_cache_dir,  # noqa: F401
-                    image_size_of, make_learner, make_plan, resolve_device, uses_teacher_cache)
+from .build import (TrainingSetup, build_clip, build_teacher_cache, build_training, data_root,  # noqa: F401
+                    fewshot_cache_dir, image_size_of, make_learner, make_plan, resolve_device, uses_teacher_cache)
 from .config import TRAIN_DEFAULTS, TrainConfig, check_device_name, default_of  # noqa: F401
 from .epoch import NonFiniteError, check_finite_weights, train_one_epoch  # noqa: F401
 from .evaluation import evaluate_plan, evaluate_split, final_metrics, results_table  # noqa: F401
 from .fileio import atomic_json, atomic_text, read_json_object
 from .precision import device_label, grad_scaler, resolve_precision
 from .rng import rng_state, seed_everything, set_rng_state
+from .run_log import open_run_loggers
 from .schedule import build_scheduler, release_lr_lambda  # noqa: F401
 
 # The run's rooms: config.py (TrainConfig), build.py (model, plan, learner, loader, optimiser), schedule.py,
@@ -74,6 +75,59 @@ def _check_resume(ckpt: Dict, cfg: TrainConfig, fp: Dict, path: str, device: tor
                              "resume it on the device type it ran on")
 
 
+class _StepReport:
+    """The per-step callback of one epoch: advances the progress bar (loss, img/s over the epoch so far) and
+    writes the step's row to the run's logs (:mod:`.run_log`)."""
+
+    def __init__(self, epoch: int, steps: int, bar, logger, t0: float):
+        self.epoch, self.steps, self.bar, self.logger = epoch, steps, bar, logger
+        self.t_epoch = self.t_last = t0
+        self.images = 0
+
+    def __call__(self, step: int, terms: Dict[str, float], lrs, images: int) -> None:
+        now = time.perf_counter()
+        self.images += images
+        step_rate = images / (now - self.t_last) if now > self.t_last else 0.0
+        self.t_last = now
+        if self.logger is not None:
+            row = {"epoch": self.epoch + 1, "step": step + 1, "global_step": self.epoch * self.steps + step + 1,
+                   "lr": lrs[0], **({"lr_lora": lrs[1]} if len(lrs) > 1 else {}),
+                   "loss": terms.get("total", 0.0),
+                   **{f"loss_{k}": v for k, v in terms.items() if k != "total"}, "images_per_s": step_rate}
+            self.logger.log_step(row)
+        if not self.bar.disable:
+            rate = self.images / (now - self.t_epoch) if now > self.t_epoch else 0.0
+            self.bar.set_postfix_str(f"epoch {self.epoch + 1} loss {terms.get('total', 0.0):.4f} img/s {rate:.1f}",
+                                     refresh=False)
+            self.bar.update(1)
+
+
+def parameter_counts(learner) -> Dict[str, int]:
+    """Trainable parameters by part: prompts (text and vision context), LoRA, the IWTD bridge, logit scale."""
+    counts = {"prompts": 0, "LoRA": 0, "bridge": 0, "logit scale": 0}
+    for name, p in learner.trainable_named_parameters():
+        part = ("LoRA" if name.startswith("lora.") else "bridge" if name.startswith("clip.")
+                else "logit scale" if name == "logit_scale" else "prompts")
+        counts[part] += p.numel()
+    return counts
+
+
+def startup_summary(cfg: TrainConfig, plan, learner, device: torch.device, steps: int, log_notes) -> str:
+    """What the run is about to do, in three lines: data, model and trainable parameters, logs."""
+    evals = ", ".join(f"{e.name} {len(e.classnames)} classes / {len(e.records)} images" for e in plan.evals)
+    shots = f"{cfg.shots} shots" if cfg.shots > 0 else "all images"
+    counts = parameter_counts(learner)
+    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
+    weights = cfg.pretrained if cfg.pretrained is not None else "random weights"
+    return "\n".join([
+        f"drople-fast: {plan.dataset} ({plan.protocol}, {shots}, seed {cfg.seed}): {len(plan.train_classnames)} "
+        f"training classes, {len(plan.train_records)} training images; evaluation: {evals}",
+        f"drople-fast: model {cfg.model} ({weights}), mode {cfg.iwtd.mode}, {resolve_precision(cfg.precision, device)} "
+        f"on {device}; trainable parameters {sum(counts.values()):,} ({parts}); {steps} steps/epoch x "
+        f"{cfg.epochs} epochs",
+        "drople-fast: " + "; ".join(log_notes)])
+
+
 def train(config: TrainConfig | Dict) -> Dict:
     """Train DroPLe as ``config`` says and return the final metrics (also in ``metrics.json``)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
@@ -110,9 +164,9 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
     main = rank == 0
     # Everything that can fail on bad input happens before the run directory is touched.
     plan = make_plan(cfg)
-    fp = rd.fingerprint(cfg.to_dict(), plan, cfg.root)
+    fp = rd.fingerprint(cfg.to_dict(), plan, data_root(cfg))
     run = rd.RunDir(cfg.output_dir).open() if main else None
-    failed = True
+    failed, logger = True, None
     try:
         resume_ckpt = None
         if main:
@@ -159,20 +213,25 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
                 learner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
         out = cfg.output_dir
+        steps = len(loader)
         if main:
             run.start(cfg.to_dict(), fp)
+            logger, log_notes = open_run_loggers(out, start_epoch, steps, cfg.tensorboard)
+            print(startup_summary(cfg, plan, learner, device, steps, log_notes), flush=True)
         train_time = sum(h["time_s"] for h in history)
         images_seen = sum(h["images"] for h in history)
-        bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {plan.dataset}", disable=not (cfg.progress and main),
-                   initial=start_epoch, total=cfg.epochs)
-        for epoch in bar:
+        bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, desc=f"train {plan.dataset}", unit="step",
+                   disable=not (cfg.progress and main), dynamic_ncols=True)
+        for epoch in range(start_epoch, cfg.epochs):
             if distributed:
                 sampler.set_epoch(epoch)
             learner.train()
             lr_now = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
+            on_step = _StepReport(epoch, steps, bar, logger if main else None, t0)
             sums, n_batches, n_images = train_one_epoch(model, loader, optimizer, scheduler, device, cfg.precision,
-                                                        epoch, cfg.epochs, world, setup.teacher_cache, scaler)
+                                                        epoch, cfg.epochs, world, setup.teacher_cache, scaler,
+                                                        on_step=on_step)
             check_finite_weights(learner, epoch)
             elapsed = time.perf_counter() - t0
             train_time += elapsed
@@ -182,10 +241,10 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
                       "lr": lr_now, "time_s": elapsed, "images": n_images,
                       "images_per_s": n_images / elapsed if elapsed > 0 else 0.0}
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
             if main:
                 run.save_checkpoint({"format": rd.CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
                                      "fingerprint": fp, "execution": _execution(cfg, device),
+                                     "classnames": list(plan.train_classnames),
                                      "learner": learner.prompt_state_dict(), "patch": patch_state_dict(clip),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "scaler": scaler.state_dict(), "rng": rng_state(gen), "history": history})
@@ -209,6 +268,11 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
         return metrics
     finally:
         if main:
+            if logger is not None:
+                if failed and not run.has(rd.CHECKPOINT):
+                    logger.discard()  # nothing of a run that never checkpointed stays
+                else:
+                    logger.close()
             run.close(failed)
 
 
@@ -234,6 +298,9 @@ def evaluate(run_dir: str, checkpoint: Optional[str] = None, dataset: Optional[s
     if diff:
         raise rd.RunDirError(f"{config_path} does not describe {ckpt_path} ({'; '.join(diff[:6])})")
     overrides = {k: v for k, v in (("dataset", dataset), ("root", root), ("protocol", protocol)) if v is not None}
+    if dataset is not None and dataset != cfg.dataset:
+        # another dataset than the run's own one: a known dataset under root
+        overrides.update(dataset_dir=None, split_file=None, image_dir=None)
     ecfg = dataclasses.replace(cfg, device=device, progress=progress, **overrides)
     plan = make_plan(ecfg)
     dev = resolve_device(device)

@@ -1,11 +1,15 @@
 """Everything the project knows per dataset name: where its files are, which reader reads it, its
-aliases, the teacher's CoOp template and the transfer protocols' target lists."""
+aliases, the teacher's CoOp template and the transfer protocols' target lists; and a user's own
+dataset in the CoOp layout (:class:`CustomDataset`), known by name while :func:`custom_dataset` holds it."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict, List, Tuple
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from .datasets import DatasetSplits, require_dir, load_split_json_dataset, read_fgvc_aircraft
+from .datasets import DatasetSplits, load_split_json_dataset, read_fgvc_aircraft, read_split_json, require_dir
 from .imagenet import read_imagenet, read_imagenet_a, read_imagenet_r, read_imagenet_sketch, read_imagenet_v2
 
 # name -> (dataset_dir, image_dir or "" for the dataset folder, split json)
@@ -67,6 +71,93 @@ _ALIASES = {
 }
 
 
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class CustomDataset:
+    """A user's dataset in the CoOp layout: ``folder`` holds the split file (``{"train"|"val"|"test":
+    [[relpath, label, classname], ...]}``) and the images; class names come from the split.
+    ``image_dir``: the folder the split's paths are relative to, inside ``folder`` (None: ``images/``
+    when the split's first image is there, else ``folder`` itself). ``template``: the teacher's first
+    template (None: :data:`DEFAULT_TEMPLATE`; a known dataset's template never applies)."""
+
+    name: str
+    folder: str
+    split_file: str
+    image_dir: Optional[str] = None
+    template: Optional[str] = None
+
+
+def split_file_name(path: str) -> str:
+    """The dataset name a split file gives: ``split_zhou_MyFruits.json`` -> ``MyFruits``; else the stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = re.fullmatch(r"split_zhou_(.+)", stem)
+    return m.group(1) if m else stem
+
+
+def find_split_file(folder: str) -> str:
+    """The one ``split_zhou_*.json`` in ``folder`` (its name); none or several is an error naming them."""
+    require_dir(folder, "dataset folder")
+    found = sorted(n for n in os.listdir(folder) if n.startswith("split_zhou_") and n.endswith(".json"))
+    if len(found) != 1:
+        what = "no split_zhou_*.json" if not found else f"{len(found)} split files ({', '.join(found)})"
+        raise FileNotFoundError(f"dataset folder {folder} holds {what}; pass --split-file to name one")
+    return found[0]
+
+
+def _guess_image_dir(folder: str, split_path: str) -> str:
+    """``images`` when ``folder/images`` exists and holds the split's first image (or neither place
+    does: the missing-image check then names it there), else "" (paths relative to ``folder``)."""
+    images = os.path.join(folder, "images")
+    if not os.path.isdir(images):
+        return ""
+    first = next((recs[0] for recs in read_split_json(split_path, images).values() if recs), None)
+    if first is None or os.path.isfile(first.path):
+        return "images"
+    return "" if os.path.isfile(os.path.join(folder, os.path.relpath(first.path, images))) else "images"
+
+
+def read_custom(spec: CustomDataset) -> DatasetSplits:
+    """Read ``spec`` with the checks every split-file dataset gets: the split's entries, labels 0..K-1
+    matching the names, no image listed twice, every image present (the trainer also checks that the
+    run's images decode: :func:`drople_fast.training.build.check_plan_images`)."""
+    split_path = os.path.join(spec.folder, spec.split_file)
+    if not os.path.isfile(split_path):
+        raise FileNotFoundError(f"split file not found: {split_path}")
+    image_dir = spec.image_dir if spec.image_dir is not None else _guess_image_dir(spec.folder, split_path)
+    return load_split_json_dataset(spec.folder, spec.split_file, image_dir or None, name=spec.name)
+
+
+_ACTIVE: List[CustomDataset] = []  # the innermost custom_dataset() scope last
+
+
+@contextlib.contextmanager
+def custom_dataset(spec: Optional[CustomDataset]) -> Iterator[None]:
+    """Within this scope ``spec.name`` names ``spec`` (before, and instead of, a known dataset of that
+    name) for :func:`canonical_name` and :func:`get_dataset`. None: a scope that changes nothing."""
+    if spec is None:
+        yield
+        return
+    _ACTIVE.append(spec)
+    try:
+        yield
+    finally:
+        _ACTIVE.remove(spec)
+
+
+def _active(name: str) -> Optional[CustomDataset]:
+    return next((spec for spec in reversed(_ACTIVE) if spec.name == name), None)
+
+
+def template_of(name: str) -> str:
+    """The teacher's first template for ``name``: a custom dataset's, or the known dataset's CoOp one."""
+    spec = _active(name)
+    if spec is not None:
+        return spec.template or DEFAULT_TEMPLATE
+    return DATASET_TEMPLATES.get(name, DEFAULT_TEMPLATE)
+
+
 def _norm(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
@@ -76,7 +167,10 @@ def dataset_names() -> List[str]:
 
 
 def canonical_name(name: str) -> str:
-    """Case/punctuation-insensitive lookup: "oxford_pets", "OxfordPets" -> "OxfordPets"."""
+    """Case/punctuation-insensitive lookup: "oxford_pets", "OxfordPets" -> "OxfordPets"; the name of an
+    active :func:`custom_dataset` is itself."""
+    if _active(name) is not None:
+        return name
     key = _norm(name)
     table = {_norm(n): n for n in dataset_names()}
     for canonical, (dataset_dir, _, _) in SPLIT_JSON_DATASETS.items():
@@ -84,12 +178,17 @@ def canonical_name(name: str) -> str:
     table.update({"imagenetsketch": "ImageNetSketch", "imagenetadversarial": "ImageNetA", "imagenetrendition": "ImageNetR"})
     table.update(_ALIASES)
     if key not in table:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}; for a "
+                         "dataset of your own in the CoOp layout pass --dataset-dir DIR (or --split-file)")
     return table[key]
 
 
 def get_dataset(name: str, root: str, check_images: bool = True) -> DatasetSplits:
-    """Read dataset ``name`` from the CoOp-layout dataset root ``root``."""
+    """Read dataset ``name`` from the CoOp-layout dataset root ``root`` (an active
+    :func:`custom_dataset` of that name from its own folder)."""
+    spec = _active(name)
+    if spec is not None:
+        return read_custom(spec)
     canonical = canonical_name(name)
     require_dir(root, "dataset root")
     if canonical in SPLIT_JSON_DATASETS:

@@ -178,6 +178,34 @@ def _check_images_exist(records: Iterable[Record]) -> None:
         raise FileNotFoundError(f"{len(missing)} image(s) not found: {shown}{more}")
 
 
+def check_readable(records: Iterable[Record]) -> None:
+    """Every image exists and its header decodes (``PIL.Image.open`` reads the header only, so this costs
+    a file open per image, not a decode); the first bad file is named."""
+    for r in records:
+        if not os.path.isfile(r.path):
+            raise FileNotFoundError(f"image not found: {r.path} (class {r.classname!r})")
+        try:
+            with Image.open(r.path) as im:
+                im.size  # noqa: B018 - the header is parsed on open; size proves it was
+        except (UnidentifiedImageError, OSError) as exc:
+            reason = " ".join(str(exc).replace(repr(r.path), "").replace(r.path, "").split())  # PIL repeats the path
+            raise ValueError(f"{r.path} (class {r.classname!r}) is not a readable image: {reason}") from exc
+
+
+def check_no_duplicates(splits: Dict[str, List[Record]], source: str) -> None:
+    """The same image twice in one split (it would count twice) or in two splits (test images seen in
+    training) is an error naming the file, the image and the splits."""
+    first: Dict[str, str] = {}
+    for split, records in splits.items():
+        for r in records:
+            seen = first.get(r.path)
+            if seen is not None:
+                where = f"twice in split {split!r}" if seen == split else f"in splits {seen!r} and {split!r}"
+                raise ValueError(f"{source}: image {r.path} is listed {where}; each image belongs to one "
+                                 "split, once")
+            first[r.path] = split
+
+
 def classnames_from_records(splits: Dict[str, List[Record]], source: str) -> List[str]:
     """Build ``classnames[label]``; labels must be 0..K-1 and map 1:1 to names.
 
@@ -199,14 +227,17 @@ def classnames_from_records(splits: Dict[str, List[Record]], source: str) -> Lis
                 )
     if not by_label:
         raise ValueError(f"{source}: no records in any split")
-    num = max(by_label) + 1
-    missing = [y for y in range(num) if y not in by_label]
-    if missing or min(by_label) < 0:
+    low, top = min(by_label), max(by_label)
+    if low < 0:
+        raise ValueError(f"{source}: label {low} (class {by_label[low]!r}) is out of range: labels must be "
+                         f"0..K-1 with no gaps")
+    missing = [y for y in range(top + 1) if y not in by_label]
+    if missing:
         raise ValueError(
-            f"{source}: labels must be 0..K-1 with no gaps; missing {missing[:10]}, "
-            f"smallest {min(by_label)}"
+            f"{source}: labels must be 0..K-1 with no gaps; {len(by_label)} class names but label {top} "
+            f"(class {by_label[top]!r}), and no entry has label {missing[:10]}"
         )
-    return [by_label[y] for y in range(num)]
+    return [by_label[y] for y in range(top + 1)]
 
 
 def confined_path(folder: str, relative: str, what: str) -> str:
@@ -267,7 +298,7 @@ def load_split_json_dataset(
     paths work too). Without ``split_file`` the folder must hold exactly one
     ``split_zhou_*.json``. Without ``image_dir`` the paths are relative to
     ``dataset_dir`` itself. ``check_images`` verifies every file exists now
-    rather than at the first epoch.
+    rather than at the first epoch. An image listed twice is refused (:func:`check_no_duplicates`).
     """
     require_dir(dataset_dir, "dataset folder")
     if split_file is None:
@@ -282,6 +313,7 @@ def load_split_json_dataset(
     require_dir(img_root, "image folder")
     splits = read_split_json(split_path, img_root)
     classnames = classnames_from_records(splits, split_path)
+    check_no_duplicates(splits, split_path)
     if check_images:
         _check_images_exist(r for recs in splits.values() for r in recs)
     return DatasetSplits(

@@ -44,7 +44,8 @@ def sample_few_shot(
             if not allow_fewer:
                 raise ValueError(
                     f"class {label} ({items[0].classname!r}) has {len(items)} images, "
-                    f"fewer than the {shots} shots asked for (pass allow_fewer=True to keep all {len(items)})"
+                    f"fewer than the {shots} shots asked for (pass --allow-fewer, allow_fewer=True in Python, to keep "
+                    f"all {len(items)}, or lower --shots)"
                 )
             out.extend(items)
         else:
