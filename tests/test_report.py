@@ -6,18 +6,9 @@ import os
 
 import pytest
 
-from drople_fast.training.report import (
-    accuracy_figure,
-    base_novel_table,
-    find_runs,
-    harmonic_mean,
-    metric_table,
-    plot_accuracy_vs_throughput,
-    throughput_points,
-    to_markdown,
-    write_report,
-    zero_shot_levels,
-)
+from drople_fast.training.report import base_novel_table, find_runs, harmonic_mean, metric_table, to_markdown, write_report
+from drople_fast.training.report_plot import (accuracy_figure, plot_accuracy_vs_throughput, throughput_points,
+                                              zero_shot_levels)
 
 
 def _run(root, name, **metrics):

@@ -114,7 +114,7 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, std
 
 
-def _info(run: Dict) -> Dict:
+def run_info(run: Dict) -> Dict:
     info = run.get("info")
     return info if isinstance(info, dict) else {}
 
@@ -122,7 +122,7 @@ def _info(run: Dict) -> Dict:
 def run_setting(run: Dict) -> Tuple:
     """The run's values of :data:`SETTING` (None where the run does not record one): from
     ``metrics.json``, its ``info`` and the ``fingerprint.json`` beside it, in that order."""
-    info, fp = _info(run), run.get("_fingerprint", {})
+    info, fp = run_info(run), run.get("_fingerprint", {})
     mode = info.get("mode", fp.get("config.iwtd.mode"))
     fp_precision = fp.get("config.precision")
     found = {"dataset": run["dataset"], "protocol": run["protocol"],
@@ -210,7 +210,7 @@ def check_groups(groups: Iterable[Group]) -> List[str]:
                 name = k[len("config."):] if k.startswith("config.") else k
                 if name.split(".")[0] not in _PER_SEED and name not in SETTING:
                     fields[name].add(repr(v))
-            fields["device"].add(repr(_info(r).get("device")))
+            fields["device"].add(repr(run_info(r).get("device")))
         mixed = {k: v for k, v in fields.items() if len(v) > 1 and k != "iwtd.mode"}
         if mixed:
             what = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(mixed.items()))
@@ -230,7 +230,7 @@ class Table:
     warnings: List[str]
 
 
-def _columns(groups: Sequence[Group]) -> Tuple[List[str], Dict[str, Any]]:
+def varying_columns(groups: Sequence[Group]) -> Tuple[List[str], Dict[str, Any]]:
     """Setting columns that vary across the trained rows, and the values all of them share."""
     varying, shared = [], {}
     for k in OPTIONAL_COLUMNS:
@@ -273,7 +273,7 @@ def base_novel_table(runs: Iterable[Dict]) -> Table:
     """Dataset, Method, varying settings, Base, Novel, HM, Seeds; each metric cell a (mean, std)."""
     runs = list(runs)
     groups, zero_shot = group_runs(runs, BASE2NOVEL), zero_shot_groups(runs, BASE2NOVEL)
-    varying, shared = _columns(groups)
+    varying, shared = varying_columns(groups)
 
     def cells(g: Group) -> List:
         base, novel = g.stat("base_acc"), g.stat("novel_acc")
@@ -310,7 +310,7 @@ def metric_table(runs: Iterable[Dict], protocol: str, metrics: Optional[Sequence
     groups, zero_shot = group_runs(runs, protocol), zero_shot_groups(runs, protocol)
     if metrics is None:
         metrics = sorted({k for g in groups for r in g.runs for k in _numeric_metrics(r)})
-    varying, shared = _columns(groups)
+    varying, shared = varying_columns(groups)
     rows = _rows(groups, zero_shot, varying, lambda g: [g.stat(k) for k in metrics])
     n = 2 + len(varying)
     rows += _average_rows(rows, n, lambda members: [_mean_cells(members, n + j) for j in range(len(metrics))])
@@ -382,88 +382,6 @@ def to_csv(table: Table, path: str) -> None:
     atomic_text(path, f.getvalue())
 
 
-@dataclass
-class Point:
-    """One setting's place in the accuracy-vs-throughput plot: means and stds over its seeds."""
-
-    label: str
-    dataset: str
-    images_per_s: Tuple[float, float]
-    accuracy: Tuple[float, float]
-    devices: Tuple[str, ...]
-
-
-def throughput_points(runs: Iterable[Dict], metric: str = "hm") -> List[Point]:
-    """A :class:`Point` per trained setting whose runs report both throughput and ``metric``."""
-    runs = [r for r in runs if "images_per_s" in r and metric in r]
-    points = []
-    for protocol in sorted({r["protocol"] for r in runs}):
-        groups = group_runs(runs, protocol)
-        varying, _ = _columns(groups)
-        for g in groups:
-            label = " ".join([g.setting["method"], *[f"{k}={g.setting[k]}" for k in varying]])
-            devices = tuple(sorted({str(_info(r).get("device") or "device not recorded") for r in g.runs}))
-            points.append(Point(label, str(g.setting["dataset"]), g.stat("images_per_s"), _accuracy(g, metric),
-                                devices))
-    return points
-
-
-def _accuracy(g: Group, metric: str) -> Tuple[float, float]:
-    """``metric``'s mean ± std over seeds; HM as the tables give it (HM of the mean Base and Novel)."""
-    mean, std = g.stat(metric)
-    if metric == "hm" and g.per_seed("base_acc") and g.per_seed("novel_acc"):
-        mean = harmonic_mean(g.stat("base_acc")[0], g.stat("novel_acc")[0])
-    return mean, std
-
-
-def zero_shot_levels(runs: Iterable[Dict], metric: str = "hm") -> Dict[str, float]:
-    """Zero-shot CLIP's ``metric`` per dataset (base-to-novel runs), drawn as a line in the plot."""
-    return {str(g.setting["dataset"]): _accuracy(g, metric)[0] for g in zero_shot_groups(runs, BASE2NOVEL)
-            if g.per_seed(metric)}
-
-
-def accuracy_figure(points: Sequence[Point], ylabel: str = "HM (%)", zero_shot: Optional[Dict[str, float]] = None):
-    """Accuracy against training throughput, one panel per dataset, one marker per setting with
-    error bars over seeds (± std), labelled in a legend (annotations overlap), zero-shot CLIP as a
-    dashed line where known; each panel titled with its dataset and the device(s) its runs trained
-    on. Returns the matplotlib figure (Agg)."""
-    if not points:
-        raise ValueError("no (setting, images_per_s, accuracy) points to plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({p.dataset for p in points})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.8), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        mine = [p for p in points if p.dataset == dataset]
-        for i, p in enumerate(mine):
-            ax.errorbar([p.images_per_s[0]], [p.accuracy[0]], xerr=[p.images_per_s[1]], yerr=[p.accuracy[1]],
-                        fmt="os^Dv<>p"[i % 8], capsize=3, label=p.label)
-        if zero_shot and dataset in zero_shot:
-            ax.axhline(zero_shot[dataset], color="grey", linestyle="--", linewidth=1, label=ZERO_SHOT)
-        devices = sorted({d for p in mine for d in p.devices})
-        ax.set_title(f"{dataset} on {', '.join(devices)}", fontsize=10)
-        ax.set_xlabel("training throughput (images/s)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    fig.suptitle("accuracy vs training throughput (error bars: ± std over seeds)", fontsize=11)
-    fig.tight_layout()
-    return fig
-
-
-def plot_accuracy_vs_throughput(points: Sequence[Point], path: str, ylabel: str = "HM (%)",
-                                zero_shot: Optional[Dict[str, float]] = None) -> None:
-    """:func:`accuracy_figure` written to ``path`` as PNG."""
-    fig = accuracy_figure(points, ylabel, zero_shot)
-    import matplotlib.pyplot as plt  # after accuracy_figure chose the Agg backend
-
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 def _stderr(message: str) -> None:
     print(f"report: warning: {message}", file=sys.stderr)
 
@@ -485,6 +403,8 @@ def write_report(run_root: str, out_dir: str, warn: Callable[[str], None] = _std
         atomic_text(md, table_markdown(protocol, table))
         to_csv(table, csv_path)
         written += [md, csv_path]
+    from .report_plot import plot_accuracy_vs_throughput, throughput_points, zero_shot_levels
+
     points = throughput_points(runs)
     if points:
         png = confined(out_dir, "accuracy_vs_throughput.png")
