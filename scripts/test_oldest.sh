@@ -18,7 +18,7 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
   tar --null -T - -cf - | tar -xf - -C "$src" || { echo "CI (oldest): copying the sources failed" >&2; exit 1; }
 cd "$src"
 so=$(ls drople_fast/_C*.so 2>/dev/null | head -n 1)
-if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null | head -n 1)" ] ||
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -type f -newer "$so" 2>/dev/null | head -n 1)" ] ||
    ! "$py" -c "import drople_fast._C, drople_fast.kernels" 2>/dev/null; then
   echo "CI (oldest): building drople_fast._C against torch 2.11 in $src"
   "$py" -m pip install -q --no-build-isolation --no-deps -e . 2> >(grep -v "^WARNING: Location" >&2) ||
