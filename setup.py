@@ -78,6 +78,10 @@ setup(
     packages=find_packages(include=["drople_fast", "drople_fast.*"]) + ["drople_fast.kernels"],
     package_dir={"drople_fast.kernels": "kernels"},
     include_package_data=True,
+    # The lower bounds are what CI's second leg tests (scripts/setup_env_oldest.sh: torch 2.11, torchvision
+    # 0.26, triton 3.6, what the GPU machines carry); the first leg tests the newest the mirrors offer.
+    # numpy has no upper bound here: only triton < 3.7's CPU interpreter (tests, the --cpu-dry GPU check)
+    # needs numpy < 2.4, and the triton backend says so when it refuses (ops/backends.py).
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",
@@ -90,7 +94,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "gpu": ["triton", "xformers"],
+        "gpu": ["triton>=3.6", "xformers"],
     },
     entry_points={"console_scripts": ["drople-fast = drople_fast.training.cli:main"]},
     ext_modules=ext_modules,

@@ -3,7 +3,8 @@
     python bench/gpu_check.py                 # on a CUDA machine; exits 2 without CUDA
     python bench/gpu_check.py --cpu-dry       # the same steps on CPU, tiny shapes (CI runs this)
 
-Steps (each with its own timeout; any failure, mismatch or timeout makes the exit status 1):
+Steps (each with its own timeout, and with ``--budget-s`` at most what is left of the budget; any failure,
+mismatch, timeout or skipped step makes the exit status 1; the JSON/Markdown are rewritten after each step):
 
 1. ``env``        device, capability, torch / triton / open_clip versions;
 2. ``masks``      Triton (on the device) vs the reference (on the device) vs the C++ operator (CPU)
@@ -435,6 +436,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON/Markdown")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every step's timeout")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock seconds for all steps together: a step gets at most what is left, and "
+                             "the steps after the budget is spent are recorded as skipped (bench/gpu_check.sh "
+                             "passes what is left of its 8 minutes)")
     args = parser.parse_args(argv)
     if not args.cpu_dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; this check refuses to run without one (use --cpu-dry in CI)",
@@ -446,15 +451,26 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--only: unknown steps {sorted(unknown)}; choose from {STEPS}")
     report = dict(dry=check.dry, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), steps={})
+    device = check.device_name()
+    report["device"] = device
+    slug = "cpu-dry" if check.dry else "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
+    outs = [Path(args.out)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     for name in STEPS:
         if name not in only:
             continue
         t0 = time.perf_counter()
         entry = {}
+        limit = TIMEOUT_S[name] * args.timeout_scale
+        if deadline is not None:
+            limit = min(limit, deadline - t0)
         try:
-            with time_limit(max(1, int(TIMEOUT_S[name] * args.timeout_scale))):
-                entry["result"] = getattr(check, f"step_{name}")()
-            entry["status"] = "ok"
+            if limit < 1:
+                entry.update(status="skipped", error="the budget (--budget-s) was spent before this step")
+            else:
+                with time_limit(int(limit)):
+                    entry["result"] = getattr(check, f"step_{name}")()
+                entry["status"] = "ok"
         except StepTimeout as err:
             entry.update(status="timeout", error=str(err))
         except CheckFailed as err:
@@ -465,15 +481,12 @@ def main(argv=None) -> int:
         report["steps"][name] = entry
         print(f"gpu_check: {name}: {entry['status']} ({entry['seconds']:.1f} s)"
               f"{'  ' + entry['error'][:300] if entry.get('error') else ''}", flush=True)
-    report["env"] = report["steps"].get("env", {})
-    device = check.device_name()
-    report["device"] = device
-    slug = "cpu-dry" if check.dry else "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    outs = [Path(args.out)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for out in outs:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"gpu_check-{slug}.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / f"gpu_check-{slug}.md").write_text(to_markdown(report))
+        report["env"] = report["steps"].get("env", {})
+        # after every step: a run killed from outside still leaves the steps it finished
+        for out in outs:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"gpu_check-{slug}.json").write_text(json.dumps(report, indent=1, default=str))
+            (out / f"gpu_check-{slug}.md").write_text(to_markdown(report))
     bad = [n for n, s in report["steps"].items() if s["status"] != "ok"]
     print(f"gpu_check: {'FAILED: ' + ', '.join(bad) if bad else 'all steps passed'} on {device}; "
           f"results in {outs[0]}/gpu_check-{slug}.json", flush=True)

@@ -131,9 +131,15 @@ def _epilogue_kernel(
         tl.store(order_ptr + tok + offs, tl.full([BLOCK_E], -1, tl.int64), mask=(offs < S) & (offs >= count))
 
 
-def config(S: int, M: int, cc: int) -> dict:
+def config(S: int, M: int, cc: int, triton_version: tuple[int, int] | None = None) -> dict:
     """Chunk sizes (the launcher and the AOT check both call this): a 4096-entry logit tile and 512-token
-    vectors at 4 warps, whatever S."""
+    vectors at 4 warps, whatever S. Triton < 3.7 (registry.new_tiles): a 2048-entry tile and 32..256-token
+    vectors (under triton 3.6, 256 x 16 tiles with 512-token vectors, and 16-token vectors at M 64, spill)."""
+    from .registry import new_tiles
+
     block_m = pow2(M)
-    return dict(BLOCK_M=block_m, BLOCK_T=min(max(16, 4096 // block_m), pow2(S)), BLOCK_E=min(512, pow2(S)),
-                num_warps=4, num_stages=1)
+    if new_tiles(triton_version) or cc == 0:
+        block_t, block_e = max(16, 4096 // block_m), min(512, pow2(S))
+    else:
+        block_t, block_e = max(16, 2048 // block_m), min(256, pow2(S, lo=32))
+    return dict(BLOCK_M=block_m, BLOCK_T=min(block_t, pow2(S)), BLOCK_E=block_e, num_warps=4, num_stages=1)

@@ -136,22 +136,29 @@ def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def config(dtype: str, S: int, Dh: int, cc: int) -> dict:
-    """Block sizes and warps per architecture (the launcher and the AOT check both call this).
+def config(dtype: str, S: int, Dh: int, cc: int, triton_version: tuple[int, int] | None = None) -> dict:
+    """Block sizes and warps per architecture and Triton version (the launcher and the AOT check both call this).
 
     fp32 tiles take the FMA path (no tensor core), whose operands are replicated across threads:
     32 x 16 tiles keep them in registers at Dh 128 (32 x 32 spilled on sm_90). bf16/fp16 use tensor-core
     tiles: 64 x 64 on sm_90 (wgmma, ~120 registers), 64 query x 32 key rows on sm_80 and older, where
     64 x 64 mma.sync tiles reach ~230 registers at Dh 128 (no spill, but no headroom either).
-    ``python -m drople_fast.ops.aot`` checks every choice on both architectures.
+    Triton < 3.7 (registry.new_tiles): 64 x 64 reaches 250-255 registers on sm_90, so 64 x 32 there too,
+    and the query tile is never shrunk to a short S (16-row fp32 and 32 x 32 tensor-core tiles spill 4-16
+    bytes at Dh 128 under triton 3.6). ``python -m drople_fast.ops.aot`` checks every choice.
     """
+    from .registry import new_tiles
+
+    new = new_tiles(triton_version)
     if dtype == "fp32":
         block_q, block_k = 32, 16
-    elif cc >= 90 or cc == 0:  # 0: not a GPU (interpreter): any valid choice
+    elif cc == 0 or (cc >= 90 and new):  # 0: not a GPU (interpreter): any valid choice
         block_q, block_k = 64, 64
     else:
         block_q, block_k = 64, 32
-    return dict(BLOCK_Q=min(block_q, pow2(S)), BLOCK_K=min(block_k, pow2(S)), BLOCK_DH=pow2(Dh), num_warps=4,
+    if new or cc == 0:
+        block_q = min(block_q, pow2(S))
+    return dict(BLOCK_Q=block_q, BLOCK_K=min(block_k, pow2(S)), BLOCK_DH=pow2(Dh), num_warps=4,
                 num_stages=NUM_STAGES)
 
 

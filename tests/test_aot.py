@@ -94,8 +94,12 @@ def _aot(*args):
 @pytest.mark.slow
 def test_quick_matrix_compiles_without_spills_on_sm80_and_sm90():
     # The CI subset: the ViT-B/16 and text shapes and the widest fp32 corner, every kernel, both architectures.
+    # Under whichever Triton is installed (CI's first leg: the newest; its second: triton 3.6), with its tiles.
+    import triton
+
     proc = _aot("--quick", "--arch", "80,90", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"aot: triton {triton.__version__}:" in proc.stdout
     assert "0 failed, 0 spill" in proc.stdout
     for name in ("iwtd_scores", "bridge_logits", "iwtd_epilogue", "perturb_noise"):
         assert f"sm_80 {name}" in proc.stdout and f"sm_90 {name}" in proc.stdout
@@ -114,3 +118,32 @@ def test_noise_kernel_is_registered_with_its_launch_config():
             sig = dict(config.signature)
             assert (sig["h_ptr"], sig["out_ptr"], sig["sel_ptr"], sig["seed_ptr"]) == ("*" + dtype,) * 2 + ("*u8", "*i64")
             assert config.divisible == ("D",)  # S = 201 (and row_stride = S) are not multiples of 16
+
+
+@pytest.mark.parametrize("version", [(3, 6), (3, 8)])
+def test_checked_configs_follow_the_triton_version(monkeypatch, version):
+    # The checker compiles what the launcher would launch under the installed Triton: both call the
+    # kernels' config functions, which take the version from registry.triton_version.
+    from drople_fast.kernels import iwtd_epilogue, iwtd_scores, registry
+
+    monkeypatch.setattr(registry, "triton_version", lambda: version)
+    point = MatrixPoint(True, "bf16", 17, 8, 80, 16, 512)
+    for cc in (80, 90):
+        configs = {c.name: c for c in configs_for(point, cc)}
+        for name, launch in (("iwtd_scores", iwtd_scores.config("bf16", 17, 80, cc, version)),
+                             ("iwtd_epilogue", iwtd_epilogue.config(17, 16, cc, version))):
+            consts = dict(configs[name].constexprs)
+            assert {k: consts[k] for k in launch if k.isupper()} == {k: v for k, v in launch.items() if k.isupper()}
+            assert (configs[name].num_warps, configs[name].num_stages) == (launch["num_warps"], launch["num_stages"])
+    # sm_90 tiles differ between the two (triton 3.6 spilled with 3.8's); the interpreter's (cc 0) do not
+    assert iwtd_scores.config("bf16", 17, 80, 90, (3, 6)) != iwtd_scores.config("bf16", 17, 80, 90, (3, 8))
+    assert iwtd_scores.config("bf16", 17, 80, 0, (3, 6)) == iwtd_scores.config("bf16", 17, 80, 0, (3, 8))
+    assert iwtd_epilogue.config(1, 64, 0, (3, 6)) == iwtd_epilogue.config(1, 64, 0, (3, 8))
+
+
+def test_triton_version_is_the_installed_one():
+    import triton
+
+    from drople_fast.kernels import registry
+
+    assert registry.triton_version() == tuple(int(x) for x in triton.__version__.split(".")[:2])

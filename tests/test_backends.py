@@ -12,11 +12,14 @@ shapes are small; the C++ operator also runs the larger odd shapes.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 import drople_fast as df
-from drople_fast.ops import library
+from drople_fast.ops import backends, library
 from drople_fast.ops.backends import BACKENDS
 from drople_fast.ops.philox import token_uniform
 
@@ -207,6 +210,46 @@ def test_opcheck_gather_scatter():
     torch.library.opcheck(torch.ops.drople_fast.gather_tokens.default, (x, idx))
     torch.library.opcheck(torch.ops.drople_fast.scatter_tokens.default,
                           (torch.randn(2, 4, 3, requires_grad=True), idx, 6))
+
+
+# ---------------------------------------------------------------------------
+# availability: decided once, outside any trace
+# ---------------------------------------------------------------------------
+
+
+def test_availability_does_not_look_for_modules_per_call(monkeypatch):
+    # torch 2.11's dynamo refuses to trace importlib.util.find_spec: a per-call lookup breaks fullgraph traces
+    def refuse(*args, **kwargs):
+        raise AssertionError("find_spec called while choosing a backend")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for backend in BACKENDS.values():
+        backend.why_not(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,broken", [((3, 6), (2, 4), True), ((3, 6), (2, 3), False),
+                                                     ((3, 7), (2, 4), False), ((3, 8), (3, 0), False)])
+def test_interpreter_numpy_incompatibility_is_named(monkeypatch, triton_v, numpy_v, broken):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(backends, "_version", {"triton": triton_v, "numpy": numpy_v}.get)
+    missing, interpreter = backends._triton_install_problem()
+    assert missing is None
+    if broken:
+        assert "numpy<2.4" in interpreter and f"{numpy_v[0]}.{numpy_v[1]}" in interpreter
+        monkeypatch.setattr(backends, "_TRITON_INTERPRETER_BROKEN", interpreter)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert BACKENDS["triton"].why_not(torch.device("cpu"), torch.float32) == interpreter
+    else:
+        assert interpreter is None
+
+
+def test_this_environment_can_run_the_triton_interpreter():
+    # The suite tests every Triton kernel through the interpreter: an environment that cannot run it
+    # (triton < 3.7 with numpy >= 2.4) must fail here, not turn those tests into skips.
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is not in use here")
+    assert backends._TRITON_INTERPRETER_BROKEN is None, backends._TRITON_INTERPRETER_BROKEN
 
 
 # ---------------------------------------------------------------------------

@@ -35,3 +35,15 @@ def test_cpu_dry_run_passes_every_step(tmp_path):
 def test_refuses_without_cuda(tmp_path):
     proc = _run("--out", str(tmp_path), env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "refuses to run without" in proc.stderr
+
+
+def test_budget_bounds_the_run_and_the_report_keeps_what_ran(tmp_path):
+    # bench/gpu_check.sh passes what is left of its 8 minutes: a step gets at most that (under 1 s left:
+    # skipped), a skipped step fails the run, and the report is written all the same. A budget no step
+    # fits in keeps the test independent of how fast this machine runs a step.
+    proc = _run("--cpu-dry", "--only", "env,determinism", "--budget-s", "0.5", "--out", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    steps = json.loads((tmp_path / "gpu_check-cpu-dry.json").read_text())["steps"]
+    assert list(steps) == ["env", "determinism"]
+    assert all(s["status"] == "skipped" and "budget" in s["error"] for s in steps.values())
+    assert "skipped" in (tmp_path / "gpu_check-cpu-dry.md").read_text()

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..kernels.registry import KernelConfig, MatrixPoint, configs_for, full_matrix, quick_matrix
+from ..kernels.registry import (NEW_TILES_FROM, KernelConfig, MatrixPoint, configs_for, full_matrix, new_tiles,
+                                quick_matrix)
 
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -242,6 +243,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"aot: cannot check: {err}", file=sys.stderr)
         return 2
     points = quick_matrix() if args.quick else full_matrix()
+    import triton
+
+    cut = ".".join(map(str, NEW_TILES_FROM))
+    print(f"aot: triton {triton.__version__}: the tiles for triton {'>=' if new_tiles() else '<'} {cut} "
+          f"(kernels/registry.py)", flush=True)
     done = []
 
     def progress(r: Result) -> None:

@@ -14,8 +14,10 @@ positions first in original order, then -1.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
+import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,11 +51,44 @@ def _cpp_unavailable() -> Optional[str]:
     return library.cpp_extension_error()
 
 
-def _triton_unavailable() -> Optional[str]:
+def _version(dist: str) -> Optional[tuple[int, int]]:
+    """(major, minor) of an installed distribution, None if it is not installed."""
+    try:
+        match = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(dist))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _triton_install_problem() -> tuple[Optional[str], Optional[str]]:
+    """(why triton cannot run at all, why its CPU interpreter cannot run), decided once at import.
+
+    At import, not per call: ``iwtd`` picks its backend inside ``torch.compile`` traces, and torch 2.11's
+    dynamo refuses to trace ``importlib.util.find_spec``; what stays per call (the interpreter flag and
+    ``torch.cuda.is_available``) is what dynamo traces on every supported torch.
+    """
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton is not installed", None
+    triton_v, numpy_v = _version("triton"), _version("numpy")
+    # triton < 3.7's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses (every kernel fails
+    # with "only 0-dimensional arrays can be converted to Python scalars"); triton 3.7 fixed it.
+    if triton_v is not None and triton_v < (3, 7) and numpy_v is not None and numpy_v >= (2, 4):
+        return None, (f"the interpreter of triton {'.'.join(map(str, triton_v))} fails with numpy "
+                      f"{'.'.join(map(str, numpy_v))} (install numpy<2.4 or triton>=3.7)")
+    return None, None
+
+
+_TRITON_MISSING, _TRITON_INTERPRETER_BROKEN = _triton_install_problem()
+
+
+def _triton_unavailable() -> Optional[str]:
+    if _TRITON_MISSING:
+        return _TRITON_MISSING
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter)"
+    if interpreting and _TRITON_INTERPRETER_BROKEN:
+        return _TRITON_INTERPRETER_BROKEN
     return None
 
 
