@@ -53,7 +53,8 @@ from ..clip.config import IWTDConfig
 from .data import DATASET_TEMPLATES
 from .fileio import read_json
 from .losses import LossWeights, drople_loss
-from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook, text_tower
+from ..clip.patch import (apply, bridge_features, bridge_features_of, get_state, is_patched, set_prompt_hook,
+                          text_tower)
 
 CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -245,6 +246,9 @@ class DroPLe(nn.Module):
             descriptions = load_descriptions(descriptions)
         self.descriptions = descriptions or {}
         self._teacher_cache: Dict[tuple, torch.Tensor] = {}
+        # Which text bridge features the alignment pools: "labels" (the batch's classes) or "all"
+        # (every class, then indexed: the same loss and gradients at C / B times the cost).
+        self.text_bridge_rows = "labels"
         self.classnames: List[str] = []
         self.epoch, self.total_epochs = 0.0, 1.0
         set_prompt_hook(model, self)
@@ -357,12 +361,18 @@ class DroPLe(nn.Module):
                 teacher_images: Optional[torch.Tensor] = None, teacher_features: Optional[torch.Tensor] = None):
         scale = self.scale()
         txt = self.text_features()
-        txt_bridge = dict(bridge_features(self.clip)["text"]) if self.training else {}
         img = self.image_features(images)
         logits = self.logits(img, txt, scale)
         if not self.training or labels is None:
             return logits
-        vis_bridge = dict(bridge_features(self.clip)["vision"])
+        vis_bridge = dict(bridge_features(self.clip, ("vision",))["vision"])
+        if self.text_bridge_rows == "labels":
+            # The alignment reads the text features of the labels' classes only: pool those (B rows,
+            # a repeated label pooled twice; no host sync) rather than all C classes at every layer.
+            txt_bridge = bridge_features_of(self.clip, "text", labels)
+            bridge_labels = torch.arange(labels.shape[0], device=labels.device)
+        else:  # "all": every class pooled, then indexed by label (the former computation)
+            txt_bridge, bridge_labels = dict(bridge_features(self.clip, ("text",))["text"]), labels
         layers = sorted(set(vis_bridge) & set(txt_bridge))
         txt_frozen = self.teacher_text_features()
         if teacher_features is None:
@@ -375,7 +385,7 @@ class DroPLe(nn.Module):
             logits, labels, img, txt, img_frozen, txt_frozen, frozen_logits, scale,
             self.epoch if epoch is None else epoch, self.total_epochs if total_epochs is None else total_epochs,
             vis_bridge=[vis_bridge[i] for i in layers], txt_bridge=[txt_bridge[i] for i in layers],
-            weights=self.loss_weights)
+            weights=self.loss_weights, bridge_labels=bridge_labels)
         return logits, terms
 
     # ----- persistence -----------------------------------------------------
