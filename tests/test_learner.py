@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import drople_fast
 import drople_fast.clip.patch
+from drople_fast.training import learner as learner_module
 from drople_fast.training.learner import DroPLe, templates_for
 from drople_fast.training.tiny_clip import create_tiny_clip
 
@@ -62,7 +63,9 @@ def test_context_init_and_placeholders():
     assert (learner.prompt_ids[:, 1:5] == x_id).all()
 
 
-def test_teacher_cached_frozen_and_equal_to_plain_clip():
+@pytest.mark.parametrize("chunk", [512, 4])  # 4: a class's sentences split across text forwards
+def test_teacher_cached_frozen_and_equal_to_plain_clip(monkeypatch, chunk):
+    monkeypatch.setattr(learner_module, "TEACHER_TEXT_BATCH", chunk)
     clip = create_tiny_clip(seed=0)
     plain = copy.deepcopy(clip).eval()
     learner = DroPLe(clip, CLASSES, iwtd=drople_fast.IWTDConfig(mode="drop"), lora_rank=8, dataset="DTD")
