@@ -1,6 +1,7 @@
 """Measure every attention implementation on the towers' shapes and write the dispatch table.
 
     python bench/bench_attention_dispatch.py [--rounds 5] [--dry-run]
+    python bench/bench_attention_dispatch.py --text-tower 500 [--rounds 3]   # the table's effect on a whole tower
 
 For each problem (dtype x batch*heads x sequence length x causal / key-masked) every candidate
 of :mod:`drople_fast.clip.attention_dispatch` runs forward + backward on q, k, v laid out as the
@@ -107,6 +108,52 @@ def markdown(key, entries, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_tower(classes: int, rounds: int, device) -> str:
+    """The DroPLe text tower (ViT-B/16, prompts over ``classes`` ImageNet names, training mode) forward +
+    backward in fp32 and bf16 autocast, with the committed table and with torch's own SDPA choice
+    (an empty table), the four taking turns; fastest round of each. Markdown."""
+    import open_clip
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from classnames import classnames
+    from drople_fast.clip.config import IWTDConfig
+    from drople_fast.training.learner import DroPLe
+    from drople_fast.training.precision import autocast
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None).to(device)
+    learner = DroPLe(clip, classnames(classes), iwtd=IWTDConfig(mode="drop")).to(device).train()
+    committed = dispatch.table()
+
+    def run(precision):
+        with autocast(precision, device):
+            out = learner.text_features()
+        out.sum().backward()
+        learner.zero_grad(set_to_none=True)
+
+    cases = [(p, t) for p in ("fp32", "bf16") for t in ("table", "sdpa")]
+    best = {c: float("inf") for c in cases}
+    for r in range(rounds + 1):
+        for precision, table in cases:
+            dispatch.set_table(committed if table == "table" else {})
+            _sync(device)
+            start = time.perf_counter()
+            run(precision)
+            _sync(device)
+            if r:
+                best[(precision, table)] = min(best[(precision, table)], time.perf_counter() - start)
+    dispatch.set_table(None)
+    f32 = best[("fp32", "sdpa")]
+    lines = [f"Text tower fwd + bwd, {classes} classes, {dispatch.device_key(device)} ({_cpu_name()}), "
+             f"{torch.get_num_threads()} threads, fastest of {rounds} rounds, load average {os.getloadavg()[0]:.1f}", "",
+             "| precision | attention | s | vs fp32 torch's choice |", "|---|---|---:|---:|"]
+    for precision, table in cases:
+        t = best[(precision, table)]
+        name = "measured table" if table == "table" else "torch's SDPA choice"
+        lines.append(f"| {precision} | {name} | {t:.2f} | {t / f32:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -125,8 +172,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
+    parser.add_argument("--text-tower", type=int, metavar="CLASSES",
+                        help="instead: time the whole text tower with and without the committed table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.text_tower:
+        print(text_tower(args.text_tower, args.rounds, device))
+        return
     key = dispatch.device_key(device)
     entries = []
     for dtype in DTYPES:
