@@ -45,6 +45,19 @@ def test_every_implementation_matches_float64_attention(name, dtype, kind):
         torch.testing.assert_close(got.grad.double(), ref.grad, **tol)
 
 
+@pytest.mark.parametrize("name", list(dispatch.IMPLEMENTATIONS))
+def test_autocast_does_not_change_what_an_implementation_computes(name):
+    """The blocks call these under autocast; sdpa_fp32 must still compute in float32 there (autocast
+    lists SDPA as a low-precision op and would otherwise recast its inputs to bf16)."""
+    q, k, v, mask, causal = _problem("causal", torch.bfloat16)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    plain = dispatch.IMPLEMENTATIONS[name](q, k, v, mask, causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = dispatch.IMPLEMENTATIONS[name](q, k, v, mask, causal)
+    assert cast.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(cast, plain)
+
+
 def _entry(dtype, bh, seq, causal, masked, best, **ms):
     return dict(dtype=dtype, batch_heads=bh, seq=seq, causal=causal, masked=masked, ms=ms or {best: 1.0}, best=best)
 

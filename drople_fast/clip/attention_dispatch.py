@@ -59,7 +59,9 @@ def _explicit(q, k, v, mask, causal):
 def _sdpa_fp32(q, k, v, mask, causal):
     if q.dtype not in (torch.float16, torch.bfloat16):
         return _sdpa(q, k, v, mask, causal)
-    return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+    # autocast lists SDPA as a low-precision op: without this it would recast the inputs down again
+    with torch.autocast(q.device.type, enabled=False):
+        return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
 
 
 IMPLEMENTATIONS = {"sdpa": _sdpa, "math": _math, "explicit": _explicit, "sdpa_fp32": _sdpa_fp32}
