@@ -8,8 +8,10 @@ One step is what ``drople-fast train`` runs per batch: the DroPLe learner
 prompts over all classes, deep visual prompts, LoRA on vision layers 6-11, the
 bridge) forward over the image batch and the class prompts, the frozen teacher,
 every loss term, backward and an AdamW step. Batch 4 (the release's few-shot
-batch; BENCH_BATCH overrides), 24 and 100 classes, random ViT-B/16 weights
-(the weights do not change the cost), torch's default thread count.
+batch; BENCH_BATCH overrides), 24, 100 and 500 classes (BENCH_CLASSES; CIFAR-100's
+names up to 100, ImageNet's first 500 beyond: mixed token lengths), random ViT-B/16
+weights (the weights do not change the cost), torch's default thread count.
+BENCH_CASES (e.g. ``perturb/fp32/recomputed,drop/bf16/cached``) runs a subset of the cases.
 
 Cases (``case`` = mode / precision / teacher):
 
@@ -40,18 +42,23 @@ import torch
 from drople_fast.clip.config import IWTDConfig
 from drople_fast.training.precision import autocast
 
-from classnames import CIFAR100 as CLASSNAMES  # 100 names of mixed lengths
+from classnames import classnames  # names of mixed token lengths
 from smoke import SMOKE, env_int, vit_b16
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = env_int("BENCH_BATCH", 4, smoke=2)
 ROUNDS = env_int("BENCH_ROUNDS", 3, smoke=1)
 WARMUP = env_int("BENCH_WARMUP", 1, smoke=0)
-CLASS_COUNTS = [int(c) for c in os.environ.get("BENCH_CLASSES", "4" if SMOKE else "24,100").split(",")]
+CLASS_COUNTS = [int(c) for c in os.environ.get("BENCH_CLASSES", "4" if SMOKE else "24,100,500").split(",")]
 BASELINE = ("perturb", "fp32", "recomputed")
 
 CASES = [(mode, precision, "cached") for mode in ("off", "perturb", "drop", "drop_fixed")
          for precision in ("fp32", "bf16")] + [BASELINE, ("drop", "bf16", "recomputed")]
+if os.environ.get("BENCH_CASES"):
+    CASES = [tuple(c.split("/")) for c in os.environ["BENCH_CASES"].split(",")]
+    unknown = [c for c in CASES if len(c) != 3]
+    if unknown:
+        raise ValueError(f"BENCH_CASES entries must be mode/precision/teacher, got {unknown}")
 
 
 
@@ -101,7 +108,7 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
     images, g = batch
     labels = torch.randint(0, classes, (BATCH,), generator=g).to(DEVICE)
     torch.manual_seed(1)
-    learner = DroPLe(copy.deepcopy(base_clip), CLASSNAMES[:classes], iwtd=_iwtd_config(mode)).to(DEVICE)
+    learner = DroPLe(copy.deepcopy(base_clip), classnames(classes), iwtd=_iwtd_config(mode)).to(DEVICE)
     learner.train()
     params = [p for _, p in learner.trainable_named_parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -138,5 +145,23 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
     benchmark.extra_info.update(
         kind="learner_step", mode=mode, precision=precision, teacher=teacher, classes=classes, batch=BATCH,
         device=DEVICE.type, device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else
-        f"{os.uname().machine} ({os.cpu_count()} cores)", threads=torch.get_num_threads(),
-        cpu_capability=torch.backends.cpu.get_cpu_capability(), loadavg=os.getloadavg()[0], **parts)
+        f"{_cpu_model()} ({os.cpu_count()} cores)", threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=_cpu_flags(), loadavg=os.getloadavg()[0],
+        **parts)
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return os.uname().machine
+
+
+def _cpu_flags() -> str:
+    """The CPU's bf16 matrix extensions (what a bf16 speed-up on the CPU rests on)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    has = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(has) or "no bf16 extensions"

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import drople_fast
+import drople_fast.clip.patch
+from drople_fast.training import learner as learner_module
 from drople_fast.training.learner import DroPLe, templates_for
 from drople_fast.training.tiny_clip import create_tiny_clip
 
@@ -61,7 +63,9 @@ def test_context_init_and_placeholders():
     assert (learner.prompt_ids[:, 1:5] == x_id).all()
 
 
-def test_teacher_cached_frozen_and_equal_to_plain_clip():
+@pytest.mark.parametrize("chunk", [512, 4])  # 4: a class's sentences split across text forwards
+def test_teacher_cached_frozen_and_equal_to_plain_clip(monkeypatch, chunk):
+    monkeypatch.setattr(learner_module, "TEACHER_TEXT_BATCH", chunk)
     clip = create_tiny_clip(seed=0)
     plain = copy.deepcopy(clip).eval()
     learner = DroPLe(clip, CLASSES, iwtd=drople_fast.IWTDConfig(mode="drop"), lora_rank=8, dataset="DTD")
@@ -148,3 +152,58 @@ def test_prompt_state_dict_roundtrip_and_mismatch():
     assert torch.equal(a.vision_ctx[0], b.vision_ctx[0])
     with pytest.raises(ValueError, match="does not match"):
         make(lora_rank=0).load_prompt_state_dict(a.prompt_state_dict())
+
+
+SIX = ["red circle", "blue square", "green cross", "tiny yellow star", "purple ring", "an orange triangle shape"]
+
+
+@pytest.mark.parametrize("mode", ["perturb", "drop", "drop_fixed"])
+def test_text_bridge_pooled_for_labels_only_gives_the_same_loss_and_gradients(mode):
+    """The alignment pools the text bridge features of the labels' classes only (a repeated label, and
+    classes no sample has); loss terms and every gradient equal those of pooling all classes first."""
+    from drople_fast.ops.functional import IWTDOutput
+
+    clip = create_tiny_clip(seed=0)
+    torch.manual_seed(1)
+    base = DroPLe(clip, SIX, iwtd=drople_fast.IWTDConfig(mode=mode), lora_rank=8)
+    base.train()
+    x, _ = batch()
+    y = torch.tensor([0, 3, 3, 5])
+    results = {}
+    for rows in ("all", "labels"):
+        learner = copy.deepcopy(base)
+        learner.text_bridge_rows = rows
+        torch.manual_seed(2)  # LoRA dropout; the IWTD seeds come from the copied step counters
+        _, terms = learner(x, y, epoch=1, total_epochs=4)
+        pooled_whole = [not isinstance(v, IWTDOutput) for v in drople_fast.clip.patch.get_state(learner.clip).features["text"].values()]
+        assert pooled_whole and all(pooled_whole) == (rows == "all")  # "labels" never pools all classes
+        terms["total"].backward()
+        grads = {n: p.grad.clone() for n, p in learner.trainable_named_parameters() if p.grad is not None}
+        results[rows] = ({k: v.detach() for k, v in terms.items()}, grads)
+    (t_all, g_all), (t_lab, g_lab) = results["all"], results["labels"]
+    assert t_all["align"] > 0
+    for k in t_all:
+        torch.testing.assert_close(t_lab[k], t_all[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"term {k}: {m}")
+    assert set(g_lab) == set(g_all) and "clip.drople_bridge.tokens" in g_all
+    # fp32 (the IWTD op has no float64): pooling B rows instead of C reorders sums in the GEMMs and
+    # in the index backward, so gradients agree to float32 rounding of their largest entry.
+    for n in g_all:
+        scale = float(g_all[n].abs().max())
+        torch.testing.assert_close(g_lab[n], g_all[n], atol=2e-6 * scale, rtol=0, msg=lambda m: f"grad {n}: {m}")
+
+
+def test_bridge_features_of_rows_equal_the_rows_of_all():
+    learner = make("drop")
+    learner.train()
+    x, y = batch()
+    learner(x, y)
+    rows = torch.tensor([2, 0, 2])
+    some = drople_fast.clip.patch.bridge_features_of(learner.clip, "text", rows)
+    whole = drople_fast.bridge_features(learner.clip)["text"]
+    assert set(some) == set(whole) and some
+    for layer in whole:
+        torch.testing.assert_close(some[layer], whole[layer][rows], atol=1e-6, rtol=1e-6)
+    # once pooled whole, the rows come from the pooled tensors
+    again = drople_fast.clip.patch.bridge_features_of(learner.clip, "text", rows)
+    for layer in whole:
+        assert torch.equal(again[layer], whole[layer][rows])

@@ -18,6 +18,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import attention_dispatch
+
+
 def xformers_unavailable(device: torch.device) -> Optional[str]:
     """None if xformers' memory_efficient_attention can run on ``device``, else why not."""
     if importlib.util.find_spec("xformers") is None:
@@ -84,7 +87,8 @@ def attend(q, k, v, mask, kernel: str = "sdpa", causal: bool = False):
     if causal and mask is not None:
         mask = mask & torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
         causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    # "sdpa": the implementation the measured table picks for this device, dtype and shape
+    return attention_dispatch.attention(q, k, v, mask, causal)
 
 
 # --------------------------------------------------------------------------

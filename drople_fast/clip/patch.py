@@ -13,7 +13,7 @@ forward's bridge features) lives on the model's own :class:`PatchState`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -25,7 +25,7 @@ from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
 from ..ops.functional import IWTDOutput, break_for_data_dependent_width, compact_fixed, iwtd
-from ..ops.primitives import keep_order
+from ..ops.primitives import bridge_features as pooled_bridge_features, keep_order
 from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
 
@@ -467,18 +467,39 @@ def set_step_observer(model: nn.Module, observer: Optional[Callable[[StepRecord]
     _state(model).step_observer = observer
 
 
-def bridge_features(model: nn.Module) -> dict[str, dict[int, torch.Tensor]]:
+def bridge_features(model: nn.Module, towers: Sequence[str] = TOWERS) -> dict[str, dict[int, torch.Tensor]]:
     """Per tower, per IWTD layer, the (batch, M, P) bridge features of the last training forward.
 
     They are computed on the first call after a forward (and kept), so training without the
-    alignment loss never pays for them.
+    alignment loss never pays for them; only ``towers``' are computed and returned.
     """
     features = _state(model).features
-    for per_layer in features.values():
+    for tower in towers:
+        per_layer = features[tower]
         for layer, value in per_layer.items():
             if isinstance(value, IWTDOutput):
                 per_layer[layer] = value.bridge_features
-    return features
+    return {tower: features[tower] for tower in towers}
+
+
+def bridge_features_of(model: nn.Module, tower: str, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per IWTD layer of ``tower``, the (len(rows), M, P) bridge features of the last training forward's
+    samples ``rows`` only (for the text tower: the classes a loss reads, not all of them).
+
+    Pooling is per sample, so each row equals the same row of :func:`bridge_features`; the IWTD step
+    that produced the inputs (scores, drops) saw every sample. Not kept: a second call recomputes.
+    """
+    out = {}
+    for layer, value in _state(model).features[tower].items():
+        if isinstance(value, IWTDOutput):
+            if not value.bridge_inputs:
+                raise ValueError("this IWTDOutput was built without bridge inputs")
+            hidden, bridge_tokens, weight, bias = value.bridge_inputs
+            out[layer] = pooled_bridge_features(hidden.index_select(0, rows), bridge_tokens, weight, bias,
+                                                value.valid.index_select(0, rows))
+        else:  # bridge_features() already pooled every sample
+            out[layer] = value.index_select(0, rows)
+    return out
 
 
 def patch_state_dict(model: nn.Module) -> dict:

@@ -53,7 +53,8 @@ from ..clip.config import IWTDConfig
 from .data import DATASET_TEMPLATES
 from .fileio import read_json
 from .losses import LossWeights, drople_loss
-from ..clip.patch import apply, bridge_features, get_state, is_patched, set_prompt_hook, text_tower
+from ..clip.patch import (apply, bridge_features, bridge_features_of, get_state, is_patched, set_prompt_hook,
+                          text_tower)
 
 CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -68,6 +69,7 @@ LOGIT_SCALE_MAX = 4.605
 # vision layers [6, 12), rank 8, alpha 16 (scale 2), dropout 0.1.
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.1
 LORA_FIRST_LAYER = 6
+TEACHER_TEXT_BATCH = 512  # sentences per frozen text forward when caching the teacher's class features
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -245,6 +247,9 @@ class DroPLe(nn.Module):
             descriptions = load_descriptions(descriptions)
         self.descriptions = descriptions or {}
         self._teacher_cache: Dict[tuple, torch.Tensor] = {}
+        # Which text bridge features the alignment pools: "labels" (the batch's classes) or "all"
+        # (every class, then indexed: the same loss and gradients at C / B times the cost).
+        self.text_bridge_rows = "labels"
         self.classnames: List[str] = []
         self.epoch, self.total_epochs = 0.0, 1.0
         set_prompt_hook(model, self)
@@ -312,15 +317,22 @@ class DroPLe(nn.Module):
         cached = self._teacher_cache.get(key)
         if cached is not None:
             return cached
-        feats = []
+        sentences, owner = [], []
+        for c, name in enumerate(classnames):
+            text = name.replace("_", " ")
+            mine = [t.format(text) for t in self.templates] + list(self.descriptions.get(name, []))
+            sentences += mine
+            owner += [c] * len(mine)
+        # All classes' sentences in a few large batches (one text forward per class costs 100 s at
+        # ImageNet's 500 classes on a CPU); the means are taken per class afterwards.
         with self.teacher_mode():
-            for name in classnames:
-                text = name.replace("_", " ")
-                sentences = [t.format(text) for t in self.templates] + list(self.descriptions.get(name, []))
-                ids = _tokenize(sentences, self.context_length).to(device)
-                z = F.normalize(self.clip.encode_text(ids).float(), dim=-1).mean(0)
-                feats.append(F.normalize(z, dim=-1))
-        out = torch.stack(feats)
+            z = torch.cat([F.normalize(self.clip.encode_text(_tokenize(sentences[i:i + TEACHER_TEXT_BATCH],
+                                                                       self.context_length).to(device)).float(), dim=-1)
+                           for i in range(0, len(sentences), TEACHER_TEXT_BATCH)])
+        index = torch.tensor(owner, device=z.device)
+        sums = z.new_zeros(len(classnames), z.shape[1]).index_add_(0, index, z)
+        counts = torch.bincount(index, minlength=len(classnames)).to(z.dtype)
+        out = F.normalize(sums / counts[:, None], dim=-1)
         self._teacher_cache[key] = out
         return out
 
@@ -357,12 +369,18 @@ class DroPLe(nn.Module):
                 teacher_images: Optional[torch.Tensor] = None, teacher_features: Optional[torch.Tensor] = None):
         scale = self.scale()
         txt = self.text_features()
-        txt_bridge = dict(bridge_features(self.clip)["text"]) if self.training else {}
         img = self.image_features(images)
         logits = self.logits(img, txt, scale)
         if not self.training or labels is None:
             return logits
-        vis_bridge = dict(bridge_features(self.clip)["vision"])
+        vis_bridge = dict(bridge_features(self.clip, ("vision",))["vision"])
+        if self.text_bridge_rows == "labels":
+            # The alignment reads the text features of the labels' classes only: pool those (B rows,
+            # a repeated label pooled twice; no host sync) rather than all C classes at every layer.
+            txt_bridge = bridge_features_of(self.clip, "text", labels)
+            bridge_labels = torch.arange(labels.shape[0], device=labels.device)
+        else:  # "all": every class pooled, then indexed by label (the former computation)
+            txt_bridge, bridge_labels = dict(bridge_features(self.clip, ("text",))["text"]), labels
         layers = sorted(set(vis_bridge) & set(txt_bridge))
         txt_frozen = self.teacher_text_features()
         if teacher_features is None:
@@ -375,7 +393,7 @@ class DroPLe(nn.Module):
             logits, labels, img, txt, img_frozen, txt_frozen, frozen_logits, scale,
             self.epoch if epoch is None else epoch, self.total_epochs if total_epochs is None else total_epochs,
             vis_bridge=[vis_bridge[i] for i in layers], txt_bridge=[txt_bridge[i] for i in layers],
-            weights=self.loss_weights)
+            weights=self.loss_weights, bridge_labels=bridge_labels)
         return logits, terms
 
     # ----- persistence -----------------------------------------------------

@@ -150,14 +150,16 @@ def drople_loss(
     vis_bridge: Sequence[Optional[torch.Tensor]] = (),
     txt_bridge: Sequence[Optional[torch.Tensor]] = (),
     weights: Optional[LossWeights] = None,
+    bridge_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Total DroPLe loss and its named, unweighted terms.
 
     ``logits`` (B, C) are the prompted logits, ``frozen_logits`` the frozen
     CLIP's; image features are (B, D), text features (C, D) (one per class);
     ``vis_bridge`` / ``txt_bridge`` are the per-layer bridge features for
-    :func:`alignment_loss`. The returned dict holds "ce", "text_l1",
-    "image_l1", "kl", "entropy_txt", "entropy_vis", "align" (unweighted),
+    :func:`alignment_loss`; ``bridge_labels`` (default ``labels``) is the row of each text
+    bridge tensor that sample i aligns with (when they are pooled for the batch's labels only).
+    The returned dict holds "ce", "text_l1", "image_l1", "kl", "entropy_txt", "entropy_vis", "align" (unweighted),
     "lambda" and "total".
     """
     w = weights or LossWeights()
@@ -173,7 +175,7 @@ def drople_loss(
     terms["entropy_txt"], terms["entropy_vis"] = residual_entropy(
         img_frozen, img_prompted, txt_frozen, txt_prompted, logit_scale, lam
     )
-    terms["align"] = alignment_loss(list(vis_bridge), list(txt_bridge), labels)
+    terms["align"] = alignment_loss(list(vis_bridge), list(txt_bridge), labels if bridge_labels is None else bridge_labels)
     total = (
         w.ce * terms["ce"]
         + w.text_l1 * terms["text_l1"]
