@@ -25,6 +25,7 @@ worker by the loader).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +37,10 @@ MAGNITUDE = 7
 OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Contrast", "Color", "Sharpness")
 # release/data/randaugment.py:279
 MAX_LEVEL = 10
+# Below this many patches a side (an image under 128 px at 16-px patches) the per-patch colour ops no longer
+# perturb parts of an object: Color, Equalize and AutoContrast recolour whole objects or the whole image, and
+# the student trains on noise (a 32-px toy CLIP sees 2 x 2 patches; CLIP at 224 px sees 14 x 14).
+MIN_GRID = 8
 # release/data/randaugment.py:97-104, :114: cv2's BGR luma weights, applied to RGB channels
 _LUMA = (0.114, 0.587, 0.299)
 _COLOR_A = ((0.886, -0.114, -0.114), (-0.587, 0.413, -0.587), (-0.299, -0.299, 0.701))
@@ -193,8 +198,33 @@ def apply_patch_ops(patches: torch.Tensor, choices: torch.Tensor, ops: Sequence[
     return x
 
 
+class SmallPatchGridWarning(UserWarning):
+    """The per-patch augmentation sees fewer than :data:`MIN_GRID` patches a side."""
+
+
+_warned = set()
+
+
+def check_patch_grid(height: int, width: int, patch_size: int = PATCH_SIZE) -> bool:
+    """True if a ``height`` x ``width`` image has at least :data:`MIN_GRID` patches a side; otherwise warn
+    once per (size, patch size) in this process, one line naming the fix, and return False."""
+    gh, gw = height // patch_size, width // patch_size
+    if min(gh, gw) >= MIN_GRID:
+        return True
+    key = (height, width, patch_size)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"per-patch augmentation on {height}x{width} images sees {gh}x{gw} patches of {patch_size} "
+                      f"px (the release's recipe: 14x14 at 224 px); under {MIN_GRID}x{MIN_GRID} its colour ops "
+                      f"erase whole objects: use a model input of at least {MIN_GRID * patch_size} px, or "
+                      "augment='none' (--augment none)", SmallPatchGridWarning, stacklevel=3)
+    return False
+
+
 class PatchRandAugment:
-    """The release's ``PatchRandomAugment`` on a (C, H, W) uint8 tensor; returns a new uint8 tensor."""
+    """The release's ``PatchRandomAugment`` on a (C, H, W) uint8 tensor; returns a new uint8 tensor.
+    Images with fewer than :data:`MIN_GRID` patches a side are augmented as the release would, after a
+    one-time :class:`SmallPatchGridWarning` (:func:`check_patch_grid`)."""
 
     def __init__(self, patch_size: int = PATCH_SIZE, num_ops: int = NUM_OPS, magnitude: float = MAGNITUDE,
                  ops: Sequence[str] = OPS):
@@ -209,6 +239,7 @@ class PatchRandAugment:
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if image.dtype != torch.uint8 or image.dim() != 3:
             raise ValueError(f"expected a (C, H, W) uint8 image, got {tuple(image.shape)} {image.dtype}")
+        check_patch_grid(image.shape[1], image.shape[2], self.patch_size)
         patches = to_patches(image, self.patch_size)
         if patches.shape[0] == 0:
             return image.clone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
@@ -39,9 +40,10 @@ def class_names(num_classes: int) -> List[str]:
     return [f"{colors[k % n_c]} {PATTERNS[(k % n_c + k // n_c) % n_p]}" for k in range(num_classes)]
 
 
-def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _pattern_mask(pattern: str, size: int, rng: np.random.Generator,
+                  scale: Tuple[float, float] = (0.2, 0.32)) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = rng.uniform(0.2, 0.32) * size
+    r = rng.uniform(*scale) * size
     cy, cx = rng.uniform(r, size - r, size=2)
     dy, dx = yy - cy, xx - cx
     if pattern == "circle":
@@ -70,14 +72,69 @@ def _pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarr
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def render_image(classname: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One (size, size, 3) uint8 image of ``classname`` ("<colour> <pattern>")."""
+@dataclass(frozen=True)
+class Domain:
+    """How a set of images is photographed: the shift between the toy CLIP's pre-training images and
+    a downstream dataset (real CLIPs meet such shifts: a dataset's own lighting, framing, clutter).
+
+    ``background``: range of the background's grey level; ``gradient``: amplitude of a linear
+    background ramp in a random direction; ``cast``: an RGB offset added to the whole image (a white
+    balance of the dataset's camera); ``scale``: the object's radius as a fraction of the image;
+    ``color_jitter`` / ``noise``: std of the object's colour and of per-pixel noise; ``clutter``:
+    grey distractor discs per image.
+    """
+
+    name: str
+    background: Tuple[float, float] = (10.0, 90.0)
+    gradient: float = 0.0
+    cast: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: Tuple[float, float] = (0.2, 0.32)
+    color_jitter: float = 15.0
+    noise: float = 12.0
+    clutter: int = 0
+
+
+# The original look (every test's data): dark plain backgrounds, large objects, strong pixel noise.
+PLAIN = Domain("plain")
+# The demo's two worlds. "web": what the toy CLIP is pre-trained on. "downstream": the few-shot
+# dataset, shot differently: a warm colour cast, brighter ramped backgrounds, smaller objects, clutter.
+# No pixel noise in either: per-patch AutoContrast and Equalize stretch a noisy flat patch to full-range
+# noise, which no 224-px photo's patch of sky or wall turns into; a flat patch they leave alone.
+WEB = Domain("web", background=(10.0, 80.0), scale=(0.22, 0.34), noise=0.0)
+DOWNSTREAM = Domain("downstream", background=(70.0, 150.0), gradient=40.0, cast=(45.0, 15.0, -40.0),
+                    scale=(0.14, 0.24), noise=0.0, clutter=2)
+DOMAINS = {d.name: d for d in (PLAIN, WEB, DOWNSTREAM)}
+
+
+def _domain(domain) -> Domain:
+    if isinstance(domain, Domain):
+        return domain
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {domain!r}; expected one of {list(DOMAINS)}")
+    return DOMAINS[domain]
+
+
+def render_image(classname: str, size: int, rng: np.random.Generator, domain="plain") -> np.ndarray:
+    """One (size, size, 3) uint8 image of ``classname`` ("<colour> <pattern>") in ``domain``
+    (a :class:`Domain` or its name)."""
+    d = _domain(domain)
     color_name, pattern = classname.split(" ", 1)
-    background = rng.uniform(10, 90) + rng.normal(0, 8, size=3)
+    background = rng.uniform(*d.background) + rng.normal(0, 8, size=3)
     img = np.broadcast_to(background, (size, size, 3)).astype(np.float32).copy()
-    color = np.asarray(COLORS[color_name], dtype=np.float32) + rng.normal(0, 15, size=3)
-    img[_pattern_mask(pattern, size, rng)] = color
-    img += rng.normal(0, 12, size=img.shape)
+    if d.gradient:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+        angle = rng.uniform(0, 2 * np.pi)
+        img += (d.gradient * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
+    for _ in range(d.clutter):
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        r = rng.uniform(0.05, 0.1) * size
+        cy, cx = rng.uniform(r, size - r, size=2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2] = rng.uniform(60, 200)
+    color = np.asarray(COLORS[color_name], dtype=np.float32) + rng.normal(0, d.color_jitter, size=3)
+    img[_pattern_mask(pattern, size, rng, d.scale)] = color
+    img += np.asarray(d.cast, dtype=np.float32)
+    if d.noise:
+        img += rng.normal(0, d.noise, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -98,6 +155,7 @@ def write_synthetic_coop_dataset(
     images_per_class: int = 20,
     image_size: int = 32,
     seed: int = 0,
+    domain="plain",
 ) -> str:
     """Write ``<root>/<name>/images/<class>/<i>.png`` and
     ``<root>/<name>/split_zhou_<Name>.json``; return ``<root>/<name>``.
@@ -112,6 +170,7 @@ def write_synthetic_coop_dataset(
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     names = class_names(num_classes)
+    domain = _domain(domain)
     rng = np.random.default_rng(seed)
     dataset_dir = os.path.join(root, name)
     image_dir = os.path.join(dataset_dir, "images")
@@ -122,7 +181,7 @@ def write_synthetic_coop_dataset(
         os.makedirs(os.path.join(image_dir, folder), exist_ok=True)
         for i in range(images_per_class):
             rel = f"{folder}/{i:04d}.png"
-            Image.fromarray(render_image(classname, image_size, rng)).save(os.path.join(image_dir, rel))
+            Image.fromarray(render_image(classname, image_size, rng, domain)).save(os.path.join(image_dir, rel))
             which = "train" if i < n_train else "val" if i < n_train + n_val else "test"
             split[which].append([rel, label, classname])
     with open(os.path.join(dataset_dir, f"split_zhou_{_camel(name)}.json"), "w", encoding="utf-8") as f:
