@@ -17,11 +17,13 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from report_io import RESULTS, write_results  # noqa: E402
+from smoke import SMOKE  # noqa: E402
 
 KEYS = ("base_acc", "novel_acc", "hm")
 FIELDS = ["method", "seed", "base_acc", "novel_acc", "hm", "s_per_epoch", "epochs", "shots", "threads"]
@@ -73,19 +75,27 @@ def main(argv=None):
     from drople_fast.training import demo
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--pretrain-steps", type=int, default=demo.DEFAULT_PRETRAIN_STEPS)
+    # BENCH_SMOKE=1 (bench/smoke.py): the same flow at a size that only proves it runs, into a temp folder
+    smoke = dict(seeds=[1], epochs=1, shots=2, pretrain_steps=2, num_classes=4, images_per_class=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=smoke["seeds"] if SMOKE else [1, 2, 3])
+    p.add_argument("--epochs", type=int, default=smoke["epochs"] if SMOKE else demo.DEFAULT_EPOCHS)
+    p.add_argument("--shots", type=int, default=smoke["shots"] if SMOKE else demo.DEFAULT_SHOTS)
+    p.add_argument("--pretrain-steps", type=int,
+                   default=smoke["pretrain_steps"] if SMOKE else demo.DEFAULT_PRETRAIN_STEPS)
+    p.add_argument("--num-classes", type=int, default=smoke["num_classes"] if SMOKE else demo.DEFAULT_NUM_CLASSES)
+    p.add_argument("--images-per-class", type=int,
+                   default=smoke["images_per_class"] if SMOKE else demo.DEFAULT_IMAGES_PER_CLASS)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--work", default=os.path.join("runs", "bench_accuracy"),
+    scratch = tempfile.mkdtemp(prefix="bench-accuracy-smoke-") if SMOKE else None
+    p.add_argument("--work", default=scratch or os.path.join("runs", "bench_accuracy"),
                    help="data, toy CLIP and runs (finished runs are reused)")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=scratch or RESULTS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data_root, ckpt = demo.prepare(args.work, pretrain_steps=args.pretrain_steps, progress=False)
+    data_root, ckpt = demo.prepare(args.work, args.num_classes, args.images_per_class, args.pretrain_steps,
+                                   progress=False)
     rows = []
     for seed in args.seeds:
         results = []
@@ -101,7 +111,7 @@ def main(argv=None):
     summary = summarise(rows, methods)
     gap = hm_gap(rows, demo.METHODS[2][0], demo.METHODS[1][0])
     settings = {"seeds": args.seeds, "epochs": args.epochs, "shots": args.shots, "pretrain_steps": args.pretrain_steps,
-                "num_classes": demo.DEFAULT_NUM_CLASSES, "threads": torch.get_num_threads(),
+                "num_classes": args.num_classes, "images_per_class": args.images_per_class, "threads": torch.get_num_threads(),
                 "machine": f"{platform.machine()} ({os.cpu_count()} cores)", "torch": torch.__version__,
                 "wall_s": time.perf_counter() - t0}
     text = markdown(summary, gap, settings)
