@@ -31,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from drople_fast.clip import attention_dispatch as dispatch  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from smoke import SMOKE, env_int  # noqa: E402
+
 TABLE = ROOT / "drople_fast" / "clip" / "attention_table.py"
 DH = 64
 # (batch, heads, seq, causal, masked)
@@ -169,7 +172,7 @@ def _cpu_name() -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=env_int("BENCH_ROUNDS", 5, smoke=1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
     parser.add_argument("--text-tower", type=int, metavar="CLASSES",
@@ -181,15 +184,17 @@ def main(argv=None):
         return
     key = dispatch.device_key(device)
     entries = []
+    # BENCH_SMOKE=1: two small problems, and the committed table is never rewritten from such a run
+    problems = [(4, 8, 10, True, False), (2, 12, 20, False, True)] if SMOKE else PROBLEMS
     for dtype in DTYPES:
-        for B, H, S, causal, masked in PROBLEMS:
+        for B, H, S, causal, masked in problems:
             entries.append(measure(B, H, S, causal, masked, dtype, device, args.rounds))
             print(entries[-1], flush=True)
     meta = dict(cpu=_cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
                 torch=torch.__version__, threads=torch.get_num_threads(), rounds=args.rounds,
                 loadavg=round(os.getloadavg()[0], 1), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(markdown(key, entries, meta))
-    if not args.dry_run:
+    if not (args.dry_run or SMOKE):
         write_table(key, entries, meta)
         print(f"wrote {len(entries)} entries for {key} to {TABLE.relative_to(ROOT)}")
 
