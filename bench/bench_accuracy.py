@@ -1,6 +1,6 @@
 """The toy accuracy benchmark: the demo's four methods over seeds, mean ± spread, and drop vs perturb.
 
-    python bench/bench_accuracy.py [--seeds 1 2 3] [--epochs 10] [--shots 16] [--work DIR] [--out bench/results]
+    python bench/bench_accuracy.py [--seeds 1 2 3] [--epochs 5] [--shots 16] [--work DIR] [--out bench/results]
 
 Writes ``accuracy.json`` (settings and every run's numbers), ``accuracy.csv`` (one row per method and seed)
 and ``accuracy.md`` (the README table) into ``--out``. The setting is the demo's (drople_fast/training/demo.py,
@@ -74,7 +74,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=demo.DEFAULT_EPOCHS)
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--pretrain-steps", type=int, default=demo.DEFAULT_PRETRAIN_STEPS)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
