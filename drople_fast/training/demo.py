@@ -48,7 +48,7 @@ METHODS: Tuple[Tuple[str, str, LossWeights], ...] = (
 )
 ZERO_SHOT = "Zero-shot CLIP (toy)"
 DEFAULT_NUM_CLASSES, DEFAULT_IMAGES_PER_CLASS, DEFAULT_PRETRAIN_STEPS = 16, 60, 400
-DEFAULT_SHOTS, DEFAULT_EPOCHS = 16, 10
+DEFAULT_SHOTS, DEFAULT_EPOCHS = 16, 5
 
 
 def _pretrain_lr_lambda(total_steps: int, warmup_steps: int):
@@ -77,11 +77,13 @@ def web_images(classnames: Sequence[str], per_class: int, size: int, seed: int) 
 
 
 def pretrain_tiny_clip(classnames: Sequence[str], out_path: str, steps: int = 400, per_class: int = 40,
-                       batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> Dict:
+                       batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True,
+                       config: Optional[Dict] = None) -> Dict:
     """Contrastively pre-train the demo's toy CLIP on web images of ``classnames``; save an open_clip checkpoint.
 
     Each step matches a batch of images against one caption per class present (random templates) with
-    the symmetric CLIP loss over (image, its class caption) pairs. Returns a few statistics.
+    the symmetric CLIP loss over (image, its class caption) pairs. ``config``: the open_clip config
+    (default :data:`~drople_fast.training.tiny_clip.TINY_224_CONFIG`). Returns a few statistics.
     """
     import open_clip
     from tqdm.auto import tqdm
@@ -92,7 +94,7 @@ def pretrain_tiny_clip(classnames: Sequence[str], out_path: str, steps: int = 40
     from .data.transforms import normalize_uint8
     from .tiny_clip import TINY_224_CONFIG, create_tiny_clip
 
-    model = create_tiny_clip(seed=seed, base=TINY_224_CONFIG)
+    model = create_tiny_clip(seed=seed, base=config or TINY_224_CONFIG)
     size = int(model.visual.image_size[0])
     images, labels = web_images(classnames, per_class, size, seed)
     # Fast path for the towers (SDPA, EOS trimming), no IWTD; removed again before saving.
