@@ -4,10 +4,10 @@
 
     pytest bench/bench_epoch.py --benchmark-only [--benchmark-json epoch.json]
 
-Same data and learner as ``drople-fast demo`` (16 synthetic classes, base-to-novel,
-8 shots, batch 4 -> 64 images / 16 steps per epoch on the tiny 12-layer CLIP). The
-tiny CLIP's weights do not change the cost of a step, so the demo's contrastive
-pre-training is skipped. One torch thread (what the demo uses) unless
+The former demo's setting (16 synthetic classes, base-to-novel, 8 shots, batch 4 -> 64
+images / 16 steps per epoch on the 32-px tiny 12-layer CLIP; the demo now runs a 224-px
+toy, docs/demo.md). The tiny CLIP's weights do not change the cost of a step, so no
+pre-training is done. One torch thread (what the demo uses) unless
 DROPLE_BENCH_THREADS says otherwise.
 """
 import os
