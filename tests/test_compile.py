@@ -60,7 +60,7 @@ def image_step(model):
         out = model.encode_image(images)
         feats = df.bridge_features(model)  # after the forward: features are computed on this call
         loss = out.square().mean() + sum(f.square().mean() for f in feats["vision"].values())
-        feats["vision"] = {}  # nothing with a grad_fn may leak out of a graph that ran backward
+        feats["vision"].clear()  # the patch state's own dict: nothing with a grad_fn may leak out of the graph
         loss.backward()
         return loss.detach()
 

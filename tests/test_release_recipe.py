@@ -421,10 +421,12 @@ def test_demo_trains_with_the_recipes_lora(tmp_path, monkeypatch):
     def fake_train(cfg):
         seen.append(cfg)
         acc = {k: 50.0 for k in ("base_acc", "novel_acc", "hm")}
-        return {**acc, **{"zs_" + k: v for k, v in acc.items()}, "info": {"mode": cfg.iwtd.mode}}
+        return {**acc, **{"zs_" + k: v for k, v in acc.items()},
+                "info": {"mode": cfg.iwtd.mode, "epochs": cfg.epochs, "train_time_s": 1.0}}
     monkeypatch.setattr(trainer, "train", fake_train)
-    monkeypatch.setattr(demo, "pretrain_tiny_clip", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "pretrain_tiny_clip", lambda *a, **k: {"time_s": 0.0, "final_loss": 0.0})
     demo.run_demo(str(tmp_path), num_classes=4, images_per_class=8, progress=False, num_threads=None)
-    assert seen[0].lora_rank == 8
+    assert len(seen) == len(demo.METHODS) and all(cfg.lora_rank == 8 for cfg in seen)
+    seen.clear()
     demo.run_demo(str(tmp_path), num_classes=4, images_per_class=8, progress=False, num_threads=None, lora_rank=0)
-    assert seen[1].lora_rank == 0
+    assert len(seen) == len(demo.METHODS) and all(cfg.lora_rank == 0 for cfg in seen)

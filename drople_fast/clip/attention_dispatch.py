@@ -127,6 +127,10 @@ def _choose(key: str, dtype: str, batch_heads: int, seq: int, causal: bool, mask
 
 def choose(q: torch.Tensor, mask: Optional[torch.Tensor], causal: bool) -> str:
     """The implementation the table picks for attention on ``q`` (B, H, S, Dh) with this mask kind."""
+    if torch.compiler.is_compiling():
+        # inside a torch.compile trace the compiler picks the kernel (and the table's lookups -- the
+        # CPU's capability string, host-side shape arithmetic -- cannot be traced): torch's own SDPA
+        return DEFAULT
     B, H, S, _ = q.shape
     return _choose(device_key(q.device), str(q.dtype).removeprefix("torch."), max(B * H, 1), max(S, 1),
                    bool(causal), mask is not None)
