@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drople_fast.clip import attention, attention_dispatch as dispatch
+from drople_fast.clip import attention_dispatch as dispatch
 from drople_fast.clip.attention import Layout, block_forward
 from drople_fast.training.tiny_clip import create_tiny_clip
 

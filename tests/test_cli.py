@@ -164,7 +164,7 @@ def test_sigma_option_reaches_the_config(tmp_path, capsys):
 # --------------------------------------------------------------------------
 # a dataset of your own, --allow-fewer, --help, messages
 
-from own_data import FRUITS, write_own_dataset  # noqa: E402
+from own_data import write_own_dataset  # noqa: E402
 
 
 def test_train_on_own_dataset_dir(tmp_path, capsys):

@@ -14,7 +14,6 @@ prompts) already scores 32.1 against zero-shot's 28.6 on base, learning or not.
 import json
 import os
 
-import torch
 
 from drople_fast.clip.config import IWTDConfig
 from drople_fast.training.data import write_synthetic_coop_dataset

@@ -10,7 +10,6 @@ import math
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 
 import drople_fast
 from drople_fast.clip.bridge import BridgeModule
