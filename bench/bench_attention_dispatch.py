@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drople_fast.clip import attention_dispatch as dispatch  # noqa: E402
+from drople_fast.training.precision import cpu_bf16_summary, cpu_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from smoke import SMOKE, env_int  # noqa: E402
@@ -158,16 +159,7 @@ def text_tower(classes: int, rounds: int, device) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-                has = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
-                return f"{name}, {', '.join(has) or 'no bf16 matrix extensions'}"
-    except (OSError, StopIteration):
-        pass
-    return "unknown CPU"
+    return f"{cpu_model()}, {cpu_bf16_summary()}"
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from drople_fast.clip.config import IWTDConfig
-from drople_fast.training.precision import autocast
+from drople_fast.training.precision import autocast, cpu_bf16_summary, device_label
 
 from classnames import classnames  # names of mixed token lengths
 from smoke import SMOKE, env_int, vit_b16
@@ -144,24 +144,6 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
     optimizer.zero_grad(set_to_none=True)
     benchmark.extra_info.update(
         kind="learner_step", mode=mode, precision=precision, teacher=teacher, classes=classes, batch=BATCH,
-        device=DEVICE.type, device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else
-        f"{_cpu_model()} ({os.cpu_count()} cores)", threads=torch.get_num_threads(),
-        cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=_cpu_flags(), loadavg=os.getloadavg()[0],
+        device=DEVICE.type, device_name=device_label(DEVICE), threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_bf16_summary(), loadavg=os.getloadavg()[0],
         **parts)
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return os.uname().machine
-
-
-def _cpu_flags() -> str:
-    """The CPU's bf16 matrix extensions (what a bf16 speed-up on the CPU rests on)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    has = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(has) or "no bf16 extensions"

@@ -150,3 +150,10 @@ def test_device_label_names_the_cpu_model():
     cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512_bf16\n"
     assert device_label(torch.device("cpu"), cpuinfo).startswith("AMD EPYC 9B14 (")
     assert device_label("cpu", "").endswith(" cores)")  # no model name: the machine type
+
+
+def test_cpu_bf16_summary_names_the_extensions():
+    from drople_fast.training.precision import cpu_bf16_summary
+
+    assert cpu_bf16_summary(["fpu", "avx512_bf16"]) == "avx512_bf16"
+    assert cpu_bf16_summary(["fpu", "avx2"]) == "no bf16 extensions"

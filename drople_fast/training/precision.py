@@ -84,6 +84,16 @@ def device_label(device: torch.device, cpuinfo: Optional[str] = None) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_model(cpuinfo)} ({os.cpu_count()} cores)"
+
+
+def cpu_model(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` text (read from the file if not given), else the machine type."""
     lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
     names = [v.strip() for k, _, v in (line.partition(":") for line in lines) if k.strip() == "model name"]
-    return f"{names[0] if names else platform.machine() or 'CPU'} ({os.cpu_count()} cores)"
+    return names[0] if names else platform.machine() or "CPU"
+
+
+def cpu_bf16_summary(flags: Optional[Iterable[str]] = None) -> str:
+    """The CPU's bf16 matrix / dot-product extensions as one phrase, for benchmark records."""
+    return " ".join(cpu_bf16_hardware(cpu_flags() if flags is None else flags)) or "no bf16 extensions"
