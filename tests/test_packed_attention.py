@@ -135,3 +135,47 @@ def test_xformers_refused_on_cpu_with_the_reason():
     assert reason in str(info.value)
     with pytest.raises(ValueError, match="attention='xformers' cannot run here"):
         attention.attend(*(torch.zeros(1, 1, 2, 4),) * 3, None, kernel="xformers")
+
+
+def _anchor_case(causal: bool, use_rows: bool):
+    block = create_tiny_clip(seed=0).transformer.resblocks[0]
+    x, valid, rows, lengths = _padded_batch()
+    # text: the anchor is each sample's last valid token (EOS); elsewhere any valid token (CLS at 0)
+    anchor = torch.tensor(lengths) - 1 if causal else torch.tensor([0, 2, 1])
+    layout = Layout(valid=valid, causal=causal, lengths=lengths, rows=rows if use_rows else None)
+    return block, x.requires_grad_(True), anchor, layout
+
+
+@pytest.mark.parametrize("use_rows", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_anchor_block_matches_the_full_block_at_the_anchors(causal, use_rows):
+    block, x, anchor, layout = _anchor_case(causal, use_rows)
+    got = attention.anchor_block_forward(block, x, anchor, layout)
+    full = block_forward(block, x, Layout(valid=layout.valid, causal=causal, lengths=layout.lengths))
+    want = full[torch.arange(x.shape[0]), anchor]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    params = [x, *block.parameters()]
+    got_grads = torch.autograd.grad(got, params, g, allow_unused=True)
+    want_grads = torch.autograd.grad(want, params, g, allow_unused=True)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_XFORMERS, reason="xformers is not installed")
+def test_anchor_block_on_the_xformers_dense_bias(monkeypatch):
+    # one query per sample against S keys: the dense bias is (B, H, 1, S), padded to a multiple of 8 keys
+    import xformers.ops as xops
+
+    def emulated(q, k, v, attn_bias=None, **_):  # (B, S, H, Dh) with a dense (B, H, Sq, Sk) bias view
+        assert attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn_bias)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(xops, "memory_efficient_attention", emulated)
+    monkeypatch.setattr(attention, "xformers_unavailable", lambda device: None)
+    block, x, anchor, layout = _anchor_case(causal=True, use_rows=True)
+    got = attention.anchor_block_forward(block, x, anchor, layout, kernel="xformers")
+    want = attention.anchor_block_forward(block, x, anchor, layout)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -64,13 +64,13 @@ def _xformers_attention(q, k, v, mask, causal: bool = False):
 
     bias = None
     if mask is not None:
-        B, S = q.shape[0], q.shape[2]
-        mask = mask & torch.ones(S, S, dtype=torch.bool, device=q.device).tril() if causal else mask
+        B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+        mask = mask & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril() if causal else mask
         # xformers wants the bias' last dimension padded to a multiple of 8.
-        padded = (S + 7) // 8 * 8
-        storage = q.new_zeros(B, q.shape[1], S, padded)
-        bias = storage[..., :S]
-        bias.masked_fill_(~mask.expand(B, q.shape[1], S, S), float("-inf"))
+        padded = (Sk + 7) // 8 * 8
+        storage = q.new_zeros(B, q.shape[1], Sq, padded)
+        bias = storage[..., :Sk]
+        bias.masked_fill_(~mask.expand(B, q.shape[1], Sq, Sk), float("-inf"))
     elif causal:
         bias = xops.LowerTriangularMask()
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
@@ -143,6 +143,14 @@ def packed_attention(kind: str, q, k, v, layout: Layout):
     return fn(q, k, v, cu, cu, longest, longest, **_varlen_causal_kwargs(fn, layout.causal))
 
 
+def pad_rows(real: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """(T, C) valid rows -> (total, C) with zeros elsewhere (``rows``: their flat indices).
+
+    In place into a fresh zero buffer: the out-of-place ``index_copy`` would clone the zeros first.
+    """
+    return real.new_zeros(total, real.shape[1]).index_copy_(0, rows, real)
+
+
 ADAPTER_ATTR = "_drople_lora"
 
 
@@ -203,15 +211,49 @@ def block_forward(block, x: torch.Tensor, layout: Optional[Layout] = None, kerne
         pq, pk, pv = packed.view(-1, 3, H, D // H).unbind(1)
         attended = packed_attention(kind, pq, pk, pv, layout).reshape(-1, D)
     if kind is None or return_qk:  # the padded layout: for SDPA, or for IWTD's (B, H, S, Dh) q and k
-        padded = packed.new_zeros(B * S, 3 * D).index_copy(0, rows, packed)
+        padded = pad_rows(packed, rows, B * S)
         q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
     if kind is None:
         out = attend(q, k, v, layout.padded_mask(), kernel, layout.causal)
         attended = out.transpose(1, 2).reshape(B * S, D).index_select(0, rows)
     real = real + block.ls_1(F.linear(attended, block.attn.out_proj.weight, block.attn.out_proj.bias))
     real = real + block.ls_2(block.mlp(block.ln_2(real)))
-    x = real.new_zeros(B * S, D).index_copy(0, rows, real).view(B, S, D)
+    x = pad_rows(real, rows, B * S).view(B, S, D)
     return (x, q, k) if return_qk else x
+
+
+def anchor_block_forward(block, x: torch.Tensor, anchor: torch.Tensor, layout: Optional[Layout] = None,
+                         kernel: str = "sdpa") -> torch.Tensor:
+    """A tower's last block for the one row per sample its pooling reads: (B, S, D) in, (B, D) out.
+
+    Equals ``block_forward(block, x, layout)[arange(B), anchor]``: keys and values come from every
+    valid token (``layout.rows`` as in :func:`block_forward`), but only the anchors' queries attend
+    (causal: to the keys up to the anchor) and the output projection and MLP -- two thirds of a
+    block's FLOPs -- run on B rows instead of every token.
+    """
+    layout = layout if layout is not None else Layout()
+    B, S, D = x.shape
+    H = block.attn.num_heads
+    if layout.rows is None:
+        packed = in_proj(block.attn, block.ln_1(x))
+    else:
+        real = in_proj(block.attn, block.ln_1(x.reshape(B * S, D).index_select(0, layout.rows)))
+        packed = pad_rows(real, layout.rows, B * S)
+    qkv = packed.view(B, S, 3, H, D // H)
+    batch = torch.arange(B, device=x.device)
+    q = qkv[batch, anchor, 0][:, :, None]  # (B, H, 1, Dh)
+    k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    keys = torch.ones(B, S, dtype=torch.bool, device=x.device) if layout.valid is None else layout.valid
+    if layout.causal:
+        keys = keys & (torch.arange(S, device=x.device)[None, :] <= anchor[:, None])
+    mask = keys[:, None, None, :]
+    if kernel == "xformers":
+        out = attend(q, k, v, mask, kernel)
+    else:  # the implementation the table picks for the tower's full problem, as in its other blocks
+        out = attention_dispatch.attention(q, k, v, mask, False, impl=attention_dispatch.choose(k, None, layout.causal))
+    out = out.reshape(B, D)
+    rows = x[batch, anchor] + block.ls_1(F.linear(out, block.attn.out_proj.weight, block.attn.out_proj.bias))
+    return rows + block.ls_2(block.mlp(block.ln_2(rows)))
 
 
 def _attention_out(block, out: torch.Tensor) -> torch.Tensor:

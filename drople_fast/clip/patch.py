@@ -20,7 +20,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from .attention import Layout, block_forward, check_block, xformers_unavailable
+from .attention import Layout, anchor_block_forward, block_forward, check_block, xformers_unavailable
 from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
@@ -175,7 +175,10 @@ def _real_rows(tokens: Tokens) -> torch.Tensor:
 
 
 def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower: str, causal: bool,
-                prompts_at: Callable[[int], Optional[torch.Tensor]]) -> Tokens:
+                prompts_at: Callable[[int], Optional[torch.Tensor]], anchors_only: bool = False) -> Tokens:
+    """Run ``blocks`` over ``tokens`` with prompts and IWTD. ``anchors_only``: the caller pools the anchor
+    rows alone, so the last block (unless it is an IWTD layer) runs for them only
+    (:func:`anchor_block_forward`) and the result is their one-token layout."""
     cfg = state.config
     active = training and cfg.mode != "off"
     layers = set(cfg.vision_layers if tower == "vision" else cfg.text_layers) if active else set()
@@ -197,6 +200,8 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
             rows = rows_of[1]
         layout = Layout(valid=tokens.valid if tokens.padded else None, causal=causal, lengths=tokens.lengths,
                         rows=rows)
+        if anchors_only and i == len(blocks) - 1 and i not in layers:
+            return tokens.anchors_only(anchor_block_forward(block, tokens.x, tokens.anchor, layout, cfg.attention))
         if i in layers:
             tokens.x, q, k = block_forward(block, tokens.x, layout, cfg.attention, return_qk=True)
             tokens = _iwtd_step(state, tokens, q, k, tower, i, seed, causal, upcoming is not None)
@@ -268,7 +273,7 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
     embedding, causal transformer, ln_final, pool at the EOS / argmax token, text_projection); differs in:
     the batch is cut after its last EOS (causal: the pooled tokens cannot see what follows), learned
     context replaces positions 1..n_ctx, keys after each sample's EOS are masked as padding, IWTD may
-    remove tokens, and CoCa's class token and ``output_tokens`` are not supported.
+    remove tokens, the last block computes the EOS rows only, and CoCa's class token and ``output_tokens`` are not supported.
     """
     state = _state(owner)
     hook = state.hook
@@ -300,7 +305,9 @@ def encode_text_tokens(owner, text: torch.Tensor, training: bool, pool_type: str
         first = first.to(cast_dtype) + owner.positional_embedding[1:1 + n_ctx].to(cast_dtype)
         tokens = tokens.with_prompts(first)
     prompts_at = (lambda i: hook.text_prompts(i, B)) if hook is not None else (lambda i: None)
-    tokens = _run_blocks(state, training, owner.transformer.resblocks, tokens, "text", True, prompts_at)
+    # only the EOS row is pooled: the last block runs for it alone (keys and values from every token)
+    tokens = _run_blocks(state, training, owner.transformer.resblocks, tokens, "text", True, prompts_at,
+                         anchors_only=True)
     x = owner.ln_final(tokens.x)
     pooled = x[torch.arange(B, device=x.device), tokens.anchor]
     proj = owner.text_projection

@@ -102,6 +102,14 @@ class Tokens:
                            eligible=cut(self.eligible), anchor=anchor, num_prompts=0, lengths=self._shifted(-n))
         return self.keep(self.valid & ~self.prompt, prompts_removed=True)
 
+    def anchors_only(self, rows: torch.Tensor) -> "Tokens":
+        """The anchors' rows (B, D) as a one-token layout (what a tower's pooling reads after its last block)."""
+        B = rows.shape[0]
+        one = torch.ones(B, 1, dtype=torch.bool, device=rows.device)
+        return replace(self, x=rows[:, None], valid=one, prompt=~one, eligible=~one,
+                       anchor=torch.zeros(B, dtype=torch.int64, device=rows.device), num_prompts=0,
+                       scattered=False, padded=False, free_eligible=False, trimmed=0, lengths=(1,) * B)
+
     def with_prompts(self, prompts: torch.Tensor) -> "Tokens":
         """Insert (1 or B, n, D) prompts at position 1, replacing any prompts present; they are eligible."""
         base = self.without_prompts()
