@@ -82,11 +82,12 @@ def test_epoch_at_scale(benchmark, dataset_dir, tmp_path, mode, precision, teach
         state["epoch"] += 1
         return images
 
-    images = benchmark.pedantic(one_epoch, rounds=ROUNDS, warmup_rounds=0 if SMOKE else 1, iterations=1)
+    warmup = 0 if SMOKE else 1
+    images = benchmark.pedantic(one_epoch, rounds=ROUNDS, warmup_rounds=warmup, iterations=1)
     base_classes = len(plan.train_classnames)
     assert images == base_classes * SHOTS
     benchmark.extra_info.update(
         kind="epoch_scale", mode=mode, precision=precision, teacher=teacher, base_classes=base_classes,
-        shots=SHOTS, batch=cfg.batch_size, images_per_epoch=images, steps_per_epoch=len(setup.loader),
+        shots=SHOTS, batch=cfg.batch_size, warmup_epochs=warmup, images_per_epoch=images, steps_per_epoch=len(setup.loader),
         model=MODEL, device=DEVICE.type, device_name=device_label(DEVICE), threads=torch.get_num_threads(),
         cpu_flags=cpu_bf16_summary(), loadavg=os.getloadavg()[0])

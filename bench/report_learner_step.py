@@ -19,6 +19,8 @@ GOALS = ((24, ("drop", "bf16", "cached"), 3.0), (100, ("drop", "bf16", "cached")
          (500, ("drop", "bf16", "cached"), 3.0))
 # issue 19: at 500 classes the step minus its text tower is at most this share of the step
 REST_GOAL = (500, ("drop", "bf16", "cached"), 0.25)
+# issue 19: the bf16 text tower (fwd + bwd) at most this fraction of the fp32 one, at every class count measured
+TEXT_DTYPE_GOAL = (("drop", "bf16", "cached"), ("drop", "fp32", "cached"), 0.5)
 FIELDS = ["classes", "mode", "precision", "teacher", "batch", "median_s", "min_s", "rounds", "images_per_s",
           "speedup", "text_s", "image_s", "teacher_s", "rest_s", "device", "device_name", "threads",
           "text_share", "cpu_capability", "cpu_flags", "loadavg"]
@@ -72,6 +74,13 @@ def markdown(rows: list[dict]) -> str:
         rest = 1 - r["text_share"]
         notes.append(f"{classes} classes, {'/'.join(case)}: step minus text tower {rest:.0%} of the step "
                      f"(goal <= {share:.0%}, {'met' if rest <= share else 'not met'})")
+    low, full, fraction = TEXT_DTYPE_GOAL
+    for classes in sorted({r["classes"] for r in rows}):
+        a, b = by.get((classes, *low)), by.get((classes, *full))
+        if a is not None and b is not None:
+            ratio = a["text_s"] / b["text_s"]
+            notes.append(f"{classes} classes: text tower {low[1]} / {full[1]} {ratio:.2f} "
+                         f"(goal <= {fraction:g}, {'met' if ratio <= fraction else 'not met'})")
     if notes:
         lines += ["", "Goals: " + "; ".join(notes) + "."]
     lines += ["", "*rest* = step minus the separately timed text tower (fwd + bwd over all class prompts), "
