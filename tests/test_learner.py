@@ -161,8 +161,6 @@ SIX = ["red circle", "blue square", "green cross", "tiny yellow star", "purple r
 def test_text_bridge_pooled_for_labels_only_gives_the_same_loss_and_gradients(mode):
     """The alignment pools the text bridge features of the labels' classes only (a repeated label, and
     classes no sample has); loss terms and every gradient equal those of pooling all classes first."""
-    from drople_fast.ops.functional import IWTDOutput
-
     clip = create_tiny_clip(seed=0)
     torch.manual_seed(1)
     base = DroPLe(clip, SIX, iwtd=drople_fast.IWTDConfig(mode=mode), lora_rank=8)
@@ -175,7 +173,7 @@ def test_text_bridge_pooled_for_labels_only_gives_the_same_loss_and_gradients(mo
         learner.text_bridge_rows = rows
         torch.manual_seed(2)  # LoRA dropout; the IWTD seeds come from the copied step counters
         _, terms = learner(x, y, epoch=1, total_epochs=4)
-        pooled_whole = [not isinstance(v, IWTDOutput) for v in drople_fast.clip.patch.get_state(learner.clip).features["text"].values()]
+        pooled_whole = [isinstance(v, torch.Tensor) for v in drople_fast.clip.patch.get_state(learner.clip).features["text"].values()]
         assert pooled_whole and all(pooled_whole) == (rows == "all")  # "labels" never pools all classes
         terms["total"].backward()
         grads = {n: p.grad.clone() for n, p in learner.trainable_named_parameters() if p.grad is not None}
@@ -190,6 +188,41 @@ def test_text_bridge_pooled_for_labels_only_gives_the_same_loss_and_gradients(mo
     for n in g_all:
         scale = float(g_all[n].abs().max())
         torch.testing.assert_close(g_lab[n], g_all[n], atol=2e-6 * scale, rtol=0, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["perturb", "drop"])
+def test_text_layers_before_new_prompts_skip_the_operator_with_the_same_step(mode):
+    """At a text IWTD layer whose next layer supplies new prompts, every eligible token (a prompt) is
+    replaced, so the patch skips the operator there: loss terms and gradients equal those of running it
+    (a step observer makes every layer run it), bit for bit."""
+    from drople_fast.ops.functional import BridgeInputs, IWTDOutput
+
+    clip = create_tiny_clip(seed=0)
+    torch.manual_seed(1)
+    base = DroPLe(clip, SIX, iwtd=drople_fast.IWTDConfig(mode=mode, sigma=0.5), lora_rank=8)
+    base.train()
+    x, _ = batch()
+    y = torch.tensor([0, 3, 3, 5])
+    results = {}
+    for observed in (True, False):
+        learner = copy.deepcopy(base)
+        seen = []
+        drople_fast.clip.patch.set_step_observer(learner.clip, seen.append if observed else None)
+        torch.manual_seed(2)
+        _, terms = learner(x, y, epoch=1, total_epochs=4)
+        kinds = {layer: type(v) for layer, v in drople_fast.clip.patch.get_state(learner.clip).features["text"].items()}
+        terms["total"].backward()
+        grads = {n: p.grad.clone() for n, p in learner.trainable_named_parameters() if p.grad is not None}
+        results[observed] = ({k: v.detach() for k, v in terms.items()}, grads, kinds)
+    (t_op, g_op, k_op), (t_skip, g_skip, k_skip) = results[True], results[False]
+    last = len(learner.text_ctx) - 1  # no prompts follow it: its decisions are read
+    assert set(k_op.values()) == {IWTDOutput}
+    assert k_skip == {layer: (IWTDOutput if layer >= last else BridgeInputs) for layer in k_op}
+    for k in t_op:
+        assert torch.equal(t_skip[k], t_op[k]), k
+    assert set(g_skip) == set(g_op)
+    for n in g_op:
+        assert torch.equal(g_skip[n], g_op[n]), n
 
 
 def test_bridge_features_of_rows_equal_the_rows_of_all():

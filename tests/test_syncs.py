@@ -66,9 +66,11 @@ def test_counter_sees_syncs(monkeypatch):
 
 
 @pytest.mark.parametrize("mode, vision_limit, text_limit", [
-    # drop: one read per layer (new width + real-row count together); the text tower adds one per
-    # forward before its blocks (the longest prompt for EOS trimming, and the real-token count).
-    ("drop", VISION_LAYERS, TEXT_LAYERS + 1),
+    # drop: one read per layer (new width + real-row count together). The text tower reads once per
+    # forward before its blocks (the longest prompt for EOS trimming, and the real-token count) and at
+    # its last IWTD layer only: at the others the next layer replaces every eligible token (its prompts),
+    # so nothing is drawn and the prompts come out with no read (the learner's depth, 9, = its IWTD layers).
+    ("drop", VISION_LAYERS, 2),
     # drop_fixed: static shapes, nothing read per layer (the text tower's one EOS read per forward remains).
     ("drop_fixed", 0, 1),
     ("perturb", 0, 1),

@@ -196,6 +196,8 @@ def block_forward(block, x: torch.Tensor, layout: Optional[Layout] = None, kerne
     layout = layout if layout is not None else Layout()
     if layout.rows is None:
         q, k, v = qkv(block, x)
+        if return_qk:  # as below
+            q, k = q.contiguous(), k.contiguous()
         out = _attention_out(block, attend(q, k, v, layout.padded_mask(), kernel, layout.causal))
         x = x + block.ls_1(out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -213,6 +215,8 @@ def block_forward(block, x: torch.Tensor, layout: Optional[Layout] = None, kerne
     if kind is None or return_qk:  # the padded layout: for SDPA, or for IWTD's (B, H, S, Dh) q and k
         padded = pad_rows(packed, rows, B * S)
         q, k, v = padded.view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+        if return_qk:  # the IWTD op reads them contiguous: one copy each, which the attention reads too
+            q, k = q.contiguous(), k.contiguous()
     if kind is None:
         out = attend(q, k, v, layout.padded_mask(), kernel, layout.causal)
         attended = out.transpose(1, 2).reshape(B * S, D).index_select(0, rows)

@@ -14,7 +14,7 @@ forward's bridge features) lives on the model's own :class:`PatchState`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol
 
 import torch
@@ -24,7 +24,7 @@ from .attention import Layout, anchor_block_forward, block_forward, check_block,
 from .bridge import BridgeModule
 from . import seeds
 from .config import IWTDConfig
-from ..ops.functional import IWTDOutput, break_for_data_dependent_width, compact_fixed, iwtd
+from ..ops.functional import BridgeInputs, IWTDOutput, break_for_data_dependent_width, compact_fixed, iwtd
 from ..ops.primitives import bridge_features as pooled_bridge_features, keep_order
 from ..ops.noise import noise_key, perturb
 from .tokens import Tokens, start
@@ -154,6 +154,36 @@ def _iwtd_step(state: PatchState, tokens: Tokens, q, k, tower: str, layer: int, 
     return tokens.gather(index, prompts_removed=replace_next, padded=tokens.padded, lengths=lengths)
 
 
+def _decisions_read(state: PatchState, tokens: Tokens, tower: str, replace_next: bool) -> bool:
+    """Whether anything reads this IWTD layer's scores and drop mask.
+
+    Not in the prompted text tower before a layer that supplies new prompts, in "perturb" and "drop":
+    its eligible tokens are the prompts only (prompt learner), and the next layer replaces every one of
+    them, so whatever the mask drops or perturbs never reaches the tower's output. The alignment loss
+    still reads the layer's bridge features; a step observer still sees the operator run.
+    """
+    return not (replace_next and tower == "text" and not tokens.free_eligible
+                and state.config.mode in ("perturb", "drop") and state.step_observer is None)
+
+
+def _prompts_replaced_step(state: PatchState, tokens: Tokens, tower: str, layer: int) -> Tokens:
+    """An IWTD layer whose decisions nothing reads (:func:`_decisions_read`): what the operator's path
+    would give, without it -- the bridge inputs for the alignment loss and, in "drop", the layout
+    without the prompts (the same tokens, width and lengths as compacting by any mask; no host sync
+    where the lengths are known; ``trimmed`` ends as after a compaction, so later Philox draws are
+    unchanged). In "perturb" the noise would land on the prompts only: the layout is unchanged."""
+    bridge_tokens, weight, bias = state.bridge.params_for(tower)
+    state.features[tower][layer] = BridgeInputs(tokens.valid, (tokens.x, bridge_tokens, weight, bias))
+    if state.config.mode == "perturb":
+        return tokens
+    base = tokens.without_prompts()
+    if base.lengths is not None and base.length == max(base.lengths, default=0):
+        return replace(base, trimmed=0)
+    # lengths not known on the host (no EOS trimming), or a wider layout: compact as the operator's path
+    # does, to the longest kept row (one host sync)
+    return tokens.keep(tokens.valid & ~tokens.prompt, prompts_removed=True)
+
+
 def _static_eligible(tokens: Tokens, tower: str, replace_next: bool) -> Optional[int]:
     """Eligible tokens per sample when the layout makes it the same for all (static shapes)."""
     if tokens.scattered and replace_next:
@@ -202,11 +232,13 @@ def _run_blocks(state: PatchState, training: bool, blocks, tokens: Tokens, tower
                         rows=rows)
         if anchors_only and i == len(blocks) - 1 and i not in layers:
             return tokens.anchors_only(anchor_block_forward(block, tokens.x, tokens.anchor, layout, cfg.attention))
-        if i in layers:
+        if i in layers and _decisions_read(state, tokens, tower, upcoming is not None):
             tokens.x, q, k = block_forward(block, tokens.x, layout, cfg.attention, return_qk=True)
             tokens = _iwtd_step(state, tokens, q, k, tower, i, seed, causal, upcoming is not None)
         else:
             tokens.x = block_forward(block, tokens.x, layout, cfg.attention)
+            if i in layers:
+                tokens = _prompts_replaced_step(state, tokens, tower, i)
     return tokens
 
 
@@ -470,7 +502,8 @@ def set_step_observer(model: nn.Module, observer: Optional[Callable[[StepRecord]
     """Call ``observer(record)`` at the start of every IWTD step of the model's training forwards, for tests
     and diagnostics (None removes it). ``record.out`` is filled in once the operator has run. The observer
     may replace ``record.tokens.x`` by an equal tensor (e.g. ``x + zero`` to take gradients there); any
-    other change alters the forward."""
+    other change alters the forward. With an observer every IWTD layer runs the operator, including the
+    text layers whose decisions nothing reads (:func:`_decisions_read`), which it otherwise skips."""
     _state(model).step_observer = observer
 
 
@@ -484,7 +517,7 @@ def bridge_features(model: nn.Module, towers: Sequence[str] = TOWERS) -> dict[st
     for tower in towers:
         per_layer = features[tower]
         for layer, value in per_layer.items():
-            if isinstance(value, IWTDOutput):
+            if isinstance(value, (IWTDOutput, BridgeInputs)):
                 per_layer[layer] = value.bridge_features
     return {tower: features[tower] for tower in towers}
 
@@ -498,7 +531,7 @@ def bridge_features_of(model: nn.Module, tower: str, rows: torch.Tensor) -> dict
     """
     out = {}
     for layer, value in _state(model).features[tower].items():
-        if isinstance(value, IWTDOutput):
+        if isinstance(value, (IWTDOutput, BridgeInputs)):
             if not value.bridge_inputs:
                 raise ValueError("this IWTDOutput was built without bridge inputs")
             hidden, bridge_tokens, weight, bias = value.bridge_inputs

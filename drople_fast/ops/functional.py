@@ -56,6 +56,18 @@ class IWTDOutput(NamedTuple):
         return self.keep_order[:, :width]
 
 
+class BridgeInputs(NamedTuple):
+    """What the alignment loss reads of an IWTD layer whose drop decisions nothing reads (the layer's
+    hidden states, their valid mask and the bridge): the same ``bridge_features`` as its IWTDOutput."""
+
+    valid: torch.Tensor  # (B, S) bool
+    bridge_inputs: tuple  # (hidden, bridge_tokens, bridge_weight, bridge_bias)
+
+    @property
+    def bridge_features(self) -> torch.Tensor:
+        return bridge_features(*self.bridge_inputs, self.valid)
+
+
 class Compacted(NamedTuple):
     """A gathered batch of kept tokens."""
 
@@ -83,7 +95,8 @@ def nonfinite_samples(q, k, hidden, valid, folded, shift) -> torch.Tensor:
     finite value so large that the sum overflows, which would overflow the attention logits anyway).
     Device-side only: no host synchronisation.
     """
-    per_token = (q.sum(dim=(1, 3), dtype=torch.float32) + k.sum(dim=(1, 3), dtype=torch.float32)
+    # the contiguous last dimension first: 3x faster than one reduction over (H, Dh) on the CPU
+    per_token = (q.sum(dim=3, dtype=torch.float32).sum(dim=1) + k.sum(dim=3, dtype=torch.float32).sum(dim=1)
                  + hidden.sum(dim=2, dtype=torch.float32))
     bridge = folded.sum(dtype=torch.float32) + shift.sum(dtype=torch.float32)
     return (~torch.isfinite(per_token) & valid).any(dim=1) | ~torch.isfinite(bridge)
@@ -156,13 +169,14 @@ def iwtd(
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         folded, shift = fold_bridge(bridge_tokens, bridge_weight, bridge_bias)
         fused = select_backend(backend, device, q.dtype)
+        # one contiguous copy of each, read by the fused op and the finiteness check alike
+        qd, kd, hd = q.detach().contiguous(), k.detach().contiguous(), hidden.detach().contiguous()
         importance, drop_prob, drop_mask, keep_count, keep_order = fused(
-            q.detach().contiguous(), k.detach().contiguous(), hidden.detach().contiguous(),
-            eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
+            qd, kd, hd, eligible, valid, anchor, folded.contiguous(), shift.contiguous(),
             bool(causal), float(p_min), float(p_max), _seed_tensor(seed, device), int(row_stride),
         )
         importance, drop_prob, drop_mask, keep_count, keep_order = _nonfinite_rule(
-            nonfinite_samples(q, k, hidden, valid, folded, shift), valid,
+            nonfinite_samples(qd, kd, hd, valid, folded, shift), valid,
             importance, drop_prob, drop_mask, keep_count, keep_order)
     content = valid & (torch.arange(S, device=device)[None, :] != anchor[:, None])
     return IWTDOutput(importance, drop_prob, drop_mask, keep_count, keep_order, valid, eligible & content,
