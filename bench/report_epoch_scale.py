@@ -7,9 +7,7 @@ and the speedup against ``perturb / fp32 / recomputed`` (the release's recipe an
 """
 from __future__ import annotations
 
-import sys
-
-from report_io import read_benchmark_json, write_results
+from report_io import benchmark_rows, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 GOAL = (("drop", "bf16", "cached"), 2.0)  # issues 12 and 19: a drop / bf16 epoch >= 2x the release's
@@ -20,16 +18,9 @@ FIELDS = ["mode", "precision", "teacher", "base_classes", "shots", "batch", "ste
 
 
 def rows_from(data: dict) -> list[dict]:
-    rows = []
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if info.get("kind") != "epoch_scale":
-            continue
-        stats = b["stats"]
-        row = {k: info.get(k) for k in FIELDS if k in info}
-        row.update(median_s=stats["median"], min_s=stats["min"], rounds=stats["rounds"],
-                   images_per_s=info["images_per_epoch"] / stats["median"])
-        rows.append(row)
+    rows = benchmark_rows(data, "epoch_scale", FIELDS)
+    for row in rows:
+        row["images_per_s"] = row["images_per_epoch"] / row["median_s"]
     base = next((r for r in rows if (r["mode"], r["precision"], r["teacher"]) == BASELINE), None)
     for r in rows:
         r["speedup"] = base["median_s"] / r["median_s"] if base else float("nan")
@@ -58,13 +49,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    args, data = read_benchmark_json(__doc__.splitlines()[0], argv)
-    rows = rows_from(data)
-    if not rows:
-        sys.exit(f"{args.json}: no bench_epoch_scale results in it")
-    text = markdown(rows)
-    write_results(args.out, "epoch_scale", text, rows, FIELDS)
-    print(text)
+    report_main(__doc__, "epoch_scale", rows_from, markdown, FIELDS, argv)
 
 
 if __name__ == "__main__":

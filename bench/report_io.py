@@ -4,7 +4,8 @@ import argparse
 import csv
 import json
 import os
-from typing import Dict, Sequence, Tuple
+import sys
+from typing import Callable, Dict, List, Sequence, Tuple
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -27,3 +28,30 @@ def write_results(out_dir: str, stem: str, markdown: str, rows: Sequence[Dict], 
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def benchmark_rows(data: Dict, kind: str, fields: Sequence[str]) -> List[Dict]:
+    """One row per benchmark of ``extra_info.kind == kind``: its ``fields`` from extra_info, plus the
+    median / min time and the round count; ``_info`` keeps the whole extra_info for derived columns."""
+    rows = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("kind") != kind:
+            continue
+        stats = b["stats"]
+        row = {k: info.get(k) for k in fields if k in info}
+        row.update(median_s=stats["median"], min_s=stats["min"], rounds=stats["rounds"], _info=info)
+        rows.append(row)
+    return rows
+
+
+def report_main(doc: str, stem: str, rows_from: Callable[[Dict], List[Dict]], markdown: Callable[[List[Dict]], str],
+                fields: Sequence[str], argv=None) -> None:
+    """A report script's main: JSON in, ``<stem>.md`` / ``<stem>.csv`` out (the Markdown also printed)."""
+    args, data = read_benchmark_json(doc.splitlines()[0], argv)
+    rows = rows_from(data)
+    if not rows:
+        sys.exit(f"{args.json}: no bench_{stem} results in it")
+    text = markdown(rows)
+    write_results(args.out, stem, text, rows, fields)
+    print(text)

@@ -9,9 +9,7 @@ tower's share of the step.
 """
 from __future__ import annotations
 
-import sys
-
-from report_io import read_benchmark_json, write_results
+from report_io import benchmark_rows, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -27,18 +25,12 @@ FIELDS = ["classes", "mode", "precision", "teacher", "batch", "median_s", "min_s
 
 
 def rows_from(data: dict) -> list[dict]:
-    rows = []
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if info.get("kind") != "learner_step":
-            continue
-        stats = b["stats"]
-        row = {k: info.get(k) for k in FIELDS if k in info}
-        row.update(median_s=stats["median"], min_s=stats["min"], rounds=stats["rounds"],
-                   images_per_s=info["batch"] / stats["median"])
-        row["rest_s"] = stats["median"] - info["text_s"] - info["image_s"] - info["teacher_s"]
-        row["text_share"] = info["text_s"] / stats["median"]
-        rows.append(row)
+    rows = benchmark_rows(data, "learner_step", FIELDS)
+    for row in rows:
+        info = row["_info"]
+        row["images_per_s"] = info["batch"] / row["median_s"]
+        row["rest_s"] = row["median_s"] - info["text_s"] - info["image_s"] - info["teacher_s"]
+        row["text_share"] = info["text_s"] / row["median_s"]
     for classes in {r["classes"] for r in rows}:
         group = [r for r in rows if r["classes"] == classes]
         base = next((r for r in group if (r["mode"], r["precision"], r["teacher"]) == BASELINE), None)
@@ -90,13 +82,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    args, data = read_benchmark_json(__doc__.splitlines()[0], argv)
-    rows = rows_from(data)
-    if not rows:
-        sys.exit(f"{args.json}: no bench_learner_step results in it")
-    text = markdown(rows)
-    write_results(args.out, "learner_step", text, rows, FIELDS)
-    print(text)
+    report_main(__doc__, "learner_step", rows_from, markdown, FIELDS, argv)
 
 
 if __name__ == "__main__":
