@@ -7,7 +7,7 @@ and the speedup against ``perturb / fp32 / recomputed`` (the release's recipe an
 """
 from __future__ import annotations
 
-from report_io import benchmark_rows, report_main
+from report_io import add_speedups, benchmark_rows, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 GOAL = (("drop", "bf16", "cached"), 2.0)  # issues 12 and 19: a drop / bf16 epoch >= 2x the release's
@@ -21,9 +21,7 @@ def rows_from(data: dict) -> list[dict]:
     rows = benchmark_rows(data, "epoch_scale", FIELDS)
     for row in rows:
         row["images_per_s"] = row["images_per_epoch"] / row["median_s"]
-    base = next((r for r in rows if (r["mode"], r["precision"], r["teacher"]) == BASELINE), None)
-    for r in rows:
-        r["speedup"] = base["median_s"] / r["median_s"] if base else float("nan")
+    add_speedups(rows, BASELINE)
     rows.sort(key=lambda r: -r["median_s"])
     return rows
 

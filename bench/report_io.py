@@ -45,6 +45,14 @@ def benchmark_rows(data: Dict, kind: str, fields: Sequence[str]) -> List[Dict]:
     return rows
 
 
+def add_speedups(rows: List[Dict], baseline: Tuple[str, str, str]) -> None:
+    """``speedup`` of each row: the (mode, precision, teacher) ``baseline`` row's median over its own (nan
+    without a baseline among ``rows``)."""
+    base = next((r for r in rows if (r["mode"], r["precision"], r["teacher"]) == tuple(baseline)), None)
+    for r in rows:
+        r["speedup"] = base["median_s"] / r["median_s"] if base else float("nan")
+
+
 def report_main(doc: str, stem: str, rows_from: Callable[[Dict], List[Dict]], markdown: Callable[[List[Dict]], str],
                 fields: Sequence[str], argv=None) -> None:
     """A report script's main: JSON in, ``<stem>.md`` / ``<stem>.csv`` out (the Markdown also printed)."""

@@ -9,7 +9,7 @@ tower's share of the step.
 """
 from __future__ import annotations
 
-from report_io import benchmark_rows, report_main
+from report_io import add_speedups, benchmark_rows, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -33,9 +33,7 @@ def rows_from(data: dict) -> list[dict]:
         row["text_share"] = info["text_s"] / row["median_s"]
     for classes in {r["classes"] for r in rows}:
         group = [r for r in rows if r["classes"] == classes]
-        base = next((r for r in group if (r["mode"], r["precision"], r["teacher"]) == BASELINE), None)
-        for r in group:
-            r["speedup"] = base["median_s"] / r["median_s"] if base else float("nan")
+        add_speedups(group, BASELINE)
     rows.sort(key=lambda r: (r["classes"], r["teacher"] != "recomputed", r["mode"], r["precision"]))
     return rows
 
