@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from drople_fast.training.fileio import atomic_json
-from drople_fast.training.precision import cpu_bf16_summary, device_label
 from drople_fast.training.trainer import (TrainConfig, build_clip, build_teacher_cache, build_training, make_plan,
                                           seed_everything, train_one_epoch)
 
 from classnames import classnames
+from machine import machine_record
 from smoke import SMOKE, env_int
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,5 +89,4 @@ def test_epoch_at_scale(benchmark, dataset_dir, tmp_path, mode, precision, teach
     benchmark.extra_info.update(
         kind="epoch_scale", mode=mode, precision=precision, teacher=teacher, base_classes=base_classes,
         shots=SHOTS, batch=cfg.batch_size, warmup_epochs=warmup, images_per_epoch=images, steps_per_epoch=len(setup.loader),
-        model=MODEL, device=DEVICE.type, device_name=device_label(DEVICE), threads=torch.get_num_threads(),
-        cpu_flags=cpu_bf16_summary(), loadavg=os.getloadavg()[0])
+        model=MODEL, **machine_record(DEVICE, gemm_rows=64 if SMOKE else 4211))

@@ -40,9 +40,10 @@ import pytest
 import torch
 
 from drople_fast.clip.config import IWTDConfig
-from drople_fast.training.precision import autocast, cpu_bf16_summary, device_label
+from drople_fast.training.precision import autocast
 
 from classnames import classnames  # names of mixed token lengths
+from machine import machine_record, sync
 from smoke import SMOKE, env_int, vit_b16
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,18 +73,13 @@ def _autocast(precision: str):
     return autocast(precision, DEVICE)  # the trainer's own precision -> autocast mapping
 
 
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _median_time(fn, repeats: int = env_int("BENCH_PART_REPEATS", 3, smoke=1)) -> float:
     times = []
     for _ in range(repeats):
-        _sync()
+        sync(DEVICE)
         start = time.perf_counter()
         fn()
-        _sync()
+        sync(DEVICE)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -121,7 +117,7 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
             _, terms = learner(images, labels, epoch=1, total_epochs=20, teacher_features=cached)
         terms["total"].backward()
         optimizer.step()
-        _sync()
+        sync(DEVICE)
 
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
@@ -144,6 +140,4 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
     optimizer.zero_grad(set_to_none=True)
     benchmark.extra_info.update(
         kind="learner_step", mode=mode, precision=precision, teacher=teacher, classes=classes, batch=BATCH,
-        device=DEVICE.type, device_name=device_label(DEVICE), threads=torch.get_num_threads(),
-        cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_bf16_summary(), loadavg=os.getloadavg()[0],
-        **parts)
+        **machine_record(DEVICE, gemm_rows=64 if SMOKE else 4211), **parts)

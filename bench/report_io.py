@@ -63,3 +63,11 @@ def report_main(doc: str, stem: str, rows_from: Callable[[Dict], List[Dict]], ma
     text = markdown(rows)
     write_results(args.out, stem, text, rows, fields)
     print(text)
+
+
+def gemm_note(info: Dict) -> str:
+    """", GEMM <bf16> GFLOP/s bf16 / <fp32> fp32" from a record of bench/machine.py ("" for records without)."""
+    rates = info.get("gemm_gflops")
+    if not rates:
+        return ""
+    return f", GEMM {rates['bfloat16']:.0f} GFLOP/s bf16 / {rates['float32']:.0f} fp32"

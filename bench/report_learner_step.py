@@ -9,7 +9,7 @@ tower's share of the step.
 """
 from __future__ import annotations
 
-from report_io import add_speedups, benchmark_rows, report_main
+from report_io import add_speedups, benchmark_rows, gemm_note, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -21,7 +21,7 @@ REST_GOAL = (500, ("drop", "bf16", "cached"), 0.25)
 TEXT_DTYPE_GOAL = (("drop", "bf16", "cached"), ("drop", "fp32", "cached"), 0.5)
 FIELDS = ["classes", "mode", "precision", "teacher", "batch", "median_s", "min_s", "rounds", "images_per_s",
           "speedup", "text_s", "image_s", "teacher_s", "rest_s", "device", "device_name", "threads",
-          "text_share", "cpu_capability", "cpu_flags", "loadavg"]
+          "text_share", "cpu_capability", "cpu_flags", "loadavg", "gemm_bf16_gflops", "gemm_fp32_gflops"]
 
 
 def rows_from(data: dict) -> list[dict]:
@@ -29,6 +29,8 @@ def rows_from(data: dict) -> list[dict]:
     for row in rows:
         info = row["_info"]
         row["images_per_s"] = info["batch"] / row["median_s"]
+        rates = info.get("gemm_gflops") or {}  # older records have none
+        row["gemm_bf16_gflops"], row["gemm_fp32_gflops"] = rates.get("bfloat16"), rates.get("float32")
         row["rest_s"] = row["median_s"] - info["text_s"] - info["image_s"] - info["teacher_s"]
         row["text_share"] = info["text_s"] / row["median_s"]
     for classes in {r["classes"] for r in rows}:
@@ -41,7 +43,8 @@ def rows_from(data: dict) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
     lines = [f"Device: {first['device']} -- {first['device_name']}, torch threads {first['threads']}, "
-             f"CPU capability {first.get('cpu_capability')} ({first.get('cpu_flags', 'flags not recorded')}); batch {first['batch']}, median of "
+             f"CPU capability {first.get('cpu_capability')} ({first.get('cpu_flags', 'flags not recorded')}){gemm_note(first['_info'])}; "
+             f"batch {first['batch']}, median of "
              f"{first['rounds']} rounds; load average {min(r['loadavg'] for r in rows):.1f}-"
              f"{max(r['loadavg'] for r in rows):.1f}", ""]
     lines.append("| classes | mode | precision | teacher | step s (median / min) | img/s | speedup vs perturb fp32 "

@@ -150,6 +150,8 @@ def test_device_label_names_the_cpu_model():
     cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512_bf16\n"
     assert device_label(torch.device("cpu"), cpuinfo).startswith("AMD EPYC 9B14 (")
     assert device_label("cpu", "").endswith(" cores)")  # no model name: the machine type
+    zen5 = "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    assert device_label("cpu", zen5).startswith("AMD EPYC, family 26 model 2 (")
 
 
 def test_cpu_bf16_summary_names_the_extensions():
