@@ -89,4 +89,4 @@ def test_epoch_at_scale(benchmark, dataset_dir, tmp_path, mode, precision, teach
     benchmark.extra_info.update(
         kind="epoch_scale", mode=mode, precision=precision, teacher=teacher, base_classes=base_classes,
         shots=SHOTS, batch=cfg.batch_size, warmup_epochs=warmup, images_per_epoch=images, steps_per_epoch=len(setup.loader),
-        model=MODEL, **machine_record(DEVICE, gemm_rows=64 if SMOKE else 4211))
+        model=MODEL, **machine_record(DEVICE))

@@ -140,4 +140,4 @@ def test_learner_step(benchmark, base_clip, batch, classes, mode, precision, tea
     optimizer.zero_grad(set_to_none=True)
     benchmark.extra_info.update(
         kind="learner_step", mode=mode, precision=precision, teacher=teacher, classes=classes, batch=BATCH,
-        **machine_record(DEVICE, gemm_rows=64 if SMOKE else 4211), **parts)
+        **machine_record(DEVICE), **parts)

@@ -1,8 +1,8 @@
 """What a benchmark record says about the machine it ran on: one home for both learner benchmarks.
 
-EPYCs that report the same CPU flags differ by 2.5x in what bf16 autocast can win (Zen 4 runs bf16
-GEMMs ~2x fp32, Zen 5 ~4.5x), so besides the model name, family and flags every record carries the
-GEMM rates it ran at.
+EPYCs that report the same CPU flags differ 2x in what bf16 autocast can win (this project's machines:
+bf16 GEMMs ~2.2x fp32 on one, ~4.5x on family 26, Zen 5), so besides the model name, x86 family and
+flags every record carries the GEMM rates it ran at.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 
 from drople_fast.training.precision import cpu_bf16_summary, device_label
 
+from smoke import SMOKE
+
 _GEMM: dict = {}
 
 
@@ -21,9 +23,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def gemm_gflops(device: torch.device, rows: int = 4211) -> dict:
-    """fp32 and bf16 ``F.linear`` throughput (GFLOP/s, fastest of 7) at the text tower's MLP shape
-    ((rows, 512) x (512, 2048); 4,211 = the 500-class tower's valid tokens), once per process."""
+def gemm_gflops(device: torch.device) -> dict:
+    """fp32 and bf16 ``F.linear`` throughput (GFLOP/s, fastest of 7) at the text tower's MLP shape,
+    (4211, 512) x (512, 2048) (4,211: the 500-class tower's valid tokens; 64 under BENCH_SMOKE), once
+    per process."""
+    rows = 64 if SMOKE else 4211
     if not _GEMM:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 512, device=device, dtype=dtype)
@@ -39,9 +43,8 @@ def gemm_gflops(device: torch.device, rows: int = 4211) -> dict:
     return dict(_GEMM)
 
 
-def machine_record(device: torch.device, gemm_rows: int = 4211) -> dict:
+def machine_record(device: torch.device) -> dict:
     """The machine fields of a benchmark's ``extra_info``."""
     return dict(device=device.type, device_name=device_label(device), threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_bf16_summary(),
-                loadavg=os.getloadavg()[0], gemm_gflops=gemm_gflops(device, gemm_rows))
-
+                loadavg=os.getloadavg()[0], gemm_gflops=gemm_gflops(device))
