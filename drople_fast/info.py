@@ -19,6 +19,7 @@ def _version(distribution: str) -> str:
 def report() -> list[tuple[str, str]]:
     from .clip.attention import xformers_unavailable
     from .ops.backends import describe
+    from .training.precision import device_label, gemm_gflops
 
     from . import __version__
 
@@ -41,7 +42,11 @@ def report() -> list[tuple[str, str]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = xformers_unavailable(device)
     rows.append(("attention xformers", "usable" if reason is None else f"unavailable: {reason}"))
+    rows.append(("cpu", device_label("cpu")))
     rows.append(("cpu bf16", cpu_bf16_advice()))
+    rates = gemm_gflops("cpu", repeats=3)
+    rows.append(("cpu gemm", f"bf16 {rates['bfloat16']:.0f} / fp32 {rates['float32']:.0f} GFLOP/s "
+                             f"({rates['bfloat16'] / rates['float32']:.1f}x; measured now, F.linear 4211 x 512 x 2048)"))
     return rows
 
 

@@ -1,6 +1,7 @@
 """The drople-fast CLI: launch + report, eval, bad input (exit 2, one line, no complete run), DDP via torchrun."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -302,6 +303,7 @@ def test_info_rebuild_hint(monkeypatch, capsys):
     assert "pip install --no-build-isolation -e ." in library.cpp_extension_error()
     rows = dict(info.report())
     assert rows["rebuild"].startswith("pip install --no-build-isolation -e .")
+    assert re.match(r"bf16 \d+ / fp32 \d+ GFLOP/s \(\d+\.\dx; measured now", rows["cpu gemm"]), rows["cpu gemm"]
     monkeypatch.undo()
     assert "rebuild" not in dict(info.report())
 

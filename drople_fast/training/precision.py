@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -102,6 +103,33 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
     if fields.get("cpu family") and fields.get("model"):
         name += f", family {fields['cpu family']} model {fields['model']}"
     return name
+
+
+def gemm_gflops(device: torch.device, rows: int = 4211, repeats: int = 7) -> dict:
+    """Measured ``F.linear`` throughput in GFLOP/s (fastest of ``repeats``), ``{"float32": .., "bfloat16": ..}``,
+    at the text tower's MLP shape (rows, 512) x (512, 2048) (4,211: its valid tokens at 500 classes).
+
+    What bf16 autocast can win on this device: CPUs with the same bf16 flags differ 2x here.
+    """
+    device = torch.device(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 512, device=device, dtype=dtype)
+        w = torch.randn(2048, 512, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        rates[str(dtype).removeprefix("torch.")] = round(2 * rows * 512 * 2048 / best / 1e9, 1)
+    return rates
 
 
 def cpu_bf16_summary(flags: Optional[Iterable[str]] = None) -> str:
