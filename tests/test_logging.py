@@ -1,8 +1,11 @@
 """The training loop's conventions: per-step progress (loss, img/s), the start-up summary, the per-step CSV
-log (every loss term and the learning rate) and TensorBoard events when torch.utils.tensorboard imports."""
+log (every loss term and the learning rate), TensorBoard events when torch.utils.tensorboard imports, and
+progress bars that stay sparse in a log."""
 import csv
+import io
 import json
 import sys
+import time
 import types
 
 import pytest
@@ -141,3 +144,26 @@ def test_real_tensorboard_events(tmp_path):
     logger.log_step({"epoch": 1, "step": 1, "global_step": 1, "loss": 1.5})
     logger.close()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_is_live_on_a_terminal_and_sparse_in_a_log(terminal):
+    """A log (stderr not a terminal) gets the bar's start and its final state, not a redraw every tenth
+    of a second; a terminal gets the live bar."""
+    from drople_fast.training.progress import progress_bar
+
+    stream = _Terminal() if terminal else io.StringIO()
+    for _ in progress_bar(range(12), desc="work", file=stream):
+        time.sleep(0.05)
+    draws = stream.getvalue().count("\r")
+    assert "12/12" in stream.getvalue()
+    if terminal:
+        assert draws >= 5, stream.getvalue()  # ~0.6 s of work at tqdm's 0.1 s interval
+    else:
+        assert draws <= 2, stream.getvalue()  # the first draw and the final one
+    assert progress_bar(range(3), enabled=False, file=stream).disable

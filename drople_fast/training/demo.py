@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import LossWeights
+from .progress import progress_bar
 from .report import to_markdown
 
 CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a drawing of a {}.")
@@ -86,7 +87,6 @@ def pretrain_tiny_clip(classnames: Sequence[str], out_path: str, steps: int = 40
     (default :data:`~drople_fast.training.tiny_clip.TINY_224_CONFIG`). Returns a few statistics.
     """
     import open_clip
-    from tqdm.auto import tqdm
 
     from ..clip.config import IWTDConfig
     from ..clip.patch import apply, remove
@@ -115,7 +115,7 @@ def pretrain_tiny_clip(classnames: Sequence[str], out_path: str, steps: int = 40
     shift_max = size // 14  # a random translation of up to one 16-px patch, wrapping around
     t0 = time.perf_counter()
     loss_value = float("nan")
-    for _ in tqdm(range(steps), desc="pre-train toy CLIP", disable=not progress):
+    for _ in progress_bar(range(steps), desc="pre-train toy CLIP", enabled=progress):
         idx = torch.randperm(len(images), generator=gen)[:batch_size]
         x, y = images[idx], labels[idx]
         if torch.rand((), generator=gen) < 0.5:

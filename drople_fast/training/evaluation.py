@@ -7,6 +7,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from .precision import autocast
+from .progress import progress_bar
 from .protocols import Plan, metrics_from_accuracies
 from .report import to_markdown
 
@@ -15,8 +16,6 @@ from .report import to_markdown
 def evaluate_split(learner, records, classnames, device, image_size: int, batch_size: int = 64,
                    num_workers: int = 0, precision: str = "auto", progress: bool = True, desc: str = "eval"):
     """(prompted accuracy %, zero-shot accuracy %) of ``learner`` on ``records``."""
-    from tqdm.auto import tqdm
-
     from .data import ImageDataset, eval_transform
 
     was_training = learner.training
@@ -30,7 +29,7 @@ def evaluate_split(learner, records, classnames, device, image_size: int, batch_
         with autocast(precision, device):
             txt = learner.text_features()
             txt_zs = learner.teacher_text_features()
-            for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            for images, labels in progress_bar(loader, desc=desc, leave=False, enabled=progress):
                 images, labels = images.to(device), labels.to(device)
                 img = learner.image_features(images)
                 correct += int((learner.logits(img, txt).argmax(-1) == labels).sum())

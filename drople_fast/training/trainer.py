@@ -31,6 +31,7 @@ from .epoch import NonFiniteError, check_finite_weights, train_one_epoch  # noqa
 from .evaluation import evaluate_plan, evaluate_split, final_metrics, results_table  # noqa: F401
 from .fileio import atomic_json, atomic_text, read_json_object
 from .precision import device_label, grad_scaler, resolve_precision
+from .progress import progress_bar
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_log import open_run_loggers
 from .schedule import build_scheduler, release_lr_lambda  # noqa: F401
@@ -159,8 +160,6 @@ def train(config: TrainConfig | Dict) -> Dict:
 
 
 def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distributed: bool) -> Dict:
-    from tqdm.auto import tqdm
-
     main = rank == 0
     # Everything that can fail on bad input happens before the run directory is touched.
     plan = make_plan(cfg)
@@ -220,8 +219,8 @@ def _train(cfg: TrainConfig, device: torch.device, world: int, rank: int, distri
             print(startup_summary(cfg, plan, learner, device, steps, log_notes), flush=True)
         train_time = sum(h["time_s"] for h in history)
         images_seen = sum(h["images"] for h in history)
-        bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, desc=f"train {plan.dataset}", unit="step",
-                   disable=not (cfg.progress and main), dynamic_ncols=True)
+        bar = progress_bar(total=cfg.epochs * steps, initial=start_epoch * steps, desc=f"train {plan.dataset}",
+                           unit="step", enabled=cfg.progress and main, dynamic_ncols=True)
         for epoch in range(start_epoch, cfg.epochs):
             if distributed:
                 sampler.set_epoch(epoch)
