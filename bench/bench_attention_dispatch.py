@@ -33,6 +33,7 @@ from drople_fast.clip import attention_dispatch as dispatch  # noqa: E402
 from drople_fast.training.precision import cpu_bf16_summary, cpu_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+from machine import sync  # noqa: E402
 from smoke import SMOKE, env_int  # noqa: E402
 
 TABLE = ROOT / "drople_fast" / "clip" / "attention_table.py"
@@ -53,11 +54,6 @@ def _inputs(B, H, S, masked, dtype, device):
     return packed, mask
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(B, H, S, causal, masked, dtype, device, rounds):
     packed, mask = _inputs(B, H, S, masked, dtype, device)
     names = [n for n in dispatch.IMPLEMENTATIONS if not (n == "sdpa_fp32" and dtype == torch.float32)]
@@ -65,12 +61,12 @@ def measure(B, H, S, causal, masked, dtype, device, rounds):
     for _ in range(rounds + 1):  # the first round warms up and is not counted
         for name in names:
             fn = dispatch.IMPLEMENTATIONS[name]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             q, k, v = packed.view(B, S, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
             out = fn(q, k, v, mask, causal)
             out.transpose(1, 2).reshape(B, S, H * DH).sum().backward()
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - start
             packed.grad = None
             if _ > 0:
@@ -140,10 +136,10 @@ def text_tower(classes: int, rounds: int, device) -> str:
     for r in range(rounds + 1):
         for precision, table in cases:
             dispatch.set_table(committed if table == "table" else {})
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             run(precision)
-            _sync(device)
+            sync(device)
             if r:
                 best[(precision, table)] = min(best[(precision, table)], time.perf_counter() - start)
     dispatch.set_table(None)

@@ -41,6 +41,7 @@ from drople_fast.clip import patch
 from drople_fast.training.precision import autocast
 
 from classnames import CIFAR100
+from machine import sync
 from smoke import env_int, vit_b16
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,11 +81,6 @@ def images():
 # --------------------------------------------------------------------------
 # measurement helpers
 # --------------------------------------------------------------------------
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _rss_reset() -> bool:
@@ -139,7 +135,7 @@ class Meter:
         rss_ok = _rss_reset()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn()
-        _sync()
+        sync(DEVICE)
         self.mem = {"saved_bytes": sum(saved.values())}
         if DEVICE.type == "cuda":
             self.mem["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base

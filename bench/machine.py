@@ -1,4 +1,5 @@
-"""What a benchmark record says about the machine it ran on: one home for both learner benchmarks.
+"""What a benchmark record says about the machine it ran on (one home for the learner benchmarks'
+records), and the device sync every timing loop in bench/ uses.
 
 EPYCs that report the same CPU flags differ 2x in what bf16 autocast can win (this project's machines:
 bf16 GEMMs ~2.2x fp32 on one, ~4.5x on family 26, Zen 5), so besides the model name, x86 family and
@@ -18,6 +19,7 @@ _GEMM: dict = {}
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
