@@ -7,7 +7,7 @@ and the speedup against ``perturb / fp32 / recomputed`` (the release's recipe an
 """
 from __future__ import annotations
 
-from report_io import add_speedups, benchmark_rows, gemm_note, report_main
+from report_io import add_speedups, benchmark_rows, machine_header, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 GOAL = (("drop", "bf16", "cached"), 2.0)  # issues 12 and 19: a drop / bf16 epoch >= 2x the release's
@@ -28,11 +28,11 @@ def rows_from(data: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
-    lines = [f"Device: {first['device']} -- {first['device_name']}, torch threads {first['threads']} "
-             f"({first['cpu_flags']}{gemm_note(first['_info'])}); {first['model']}, {first['base_classes']} base classes, {first['shots']} "
+    machine, loadavg = machine_header(rows)
+    lines = [f"{machine}; {first['model']}, {first['base_classes']} base classes, {first['shots']} "
              f"shot(s), batch {first['batch']}: {first['steps_per_epoch']} steps / {first['images_per_epoch']} "
              f"images per epoch; median of {first['rounds']} epochs after {first['warmup_epochs']} warm-up; load average "
-             f"{min(r['loadavg'] for r in rows):.1f}-{max(r['loadavg'] for r in rows):.1f}", "",
+             f"{loadavg}", "",
              "| mode | precision | teacher | epoch s (median / min) | img/s | speedup vs perturb fp32 recomputed |",
              "|---|---|---|---:|---:|---:|"]
     for r in rows:

@@ -65,9 +65,14 @@ def report_main(doc: str, stem: str, rows_from: Callable[[Dict], List[Dict]], ma
     print(text)
 
 
-def gemm_note(info: Dict) -> str:
-    """", GEMM <bf16> GFLOP/s bf16 / <fp32> fp32" from a record of bench/machine.py ("" for records without)."""
-    rates = info.get("gemm_gflops")
-    if not rates:
-        return ""
-    return f", GEMM {rates['bfloat16']:.0f} GFLOP/s bf16 / {rates['float32']:.0f} fp32"
+def machine_header(rows: List[Dict]) -> Tuple[str, str]:
+    """The report header's machine phrase from the first row, "Device: cpu -- <name>, torch threads N[, CPU
+    capability X] (<flags>)[, GEMM <bf16> GFLOP/s bf16 / <fp32> fp32]" (the parts bench/machine.py
+    recorded), and the rows' load-average range "a-b"."""
+    first = rows[0]
+    capability = f", CPU capability {first['cpu_capability']}" if first.get("cpu_capability") else ""
+    rates = first["_info"].get("gemm_gflops")
+    gemm = f", GEMM {rates['bfloat16']:.0f} GFLOP/s bf16 / {rates['float32']:.0f} fp32" if rates else ""
+    machine = (f"Device: {first['device']} -- {first['device_name']}, torch threads {first['threads']}{capability} "
+               f"({first.get('cpu_flags', 'flags not recorded')}){gemm}")
+    return machine, f"{min(r['loadavg'] for r in rows):.1f}-{max(r['loadavg'] for r in rows):.1f}"

@@ -9,7 +9,7 @@ tower's share of the step.
 """
 from __future__ import annotations
 
-from report_io import add_speedups, benchmark_rows, gemm_note, report_main
+from report_io import add_speedups, benchmark_rows, machine_header, report_main
 
 BASELINE = ("perturb", "fp32", "recomputed")
 # The goals of the mixed-precision issue, as ratios in one run: (classes, case) >= factor x baseline.
@@ -42,11 +42,8 @@ def rows_from(data: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
-    lines = [f"Device: {first['device']} -- {first['device_name']}, torch threads {first['threads']}, "
-             f"CPU capability {first.get('cpu_capability')} ({first.get('cpu_flags', 'flags not recorded')}){gemm_note(first['_info'])}; "
-             f"batch {first['batch']}, median of "
-             f"{first['rounds']} rounds; load average {min(r['loadavg'] for r in rows):.1f}-"
-             f"{max(r['loadavg'] for r in rows):.1f}", ""]
+    machine, loadavg = machine_header(rows)
+    lines = [f"{machine}; batch {first['batch']}, median of {first['rounds']} rounds; load average {loadavg}", ""]
     lines.append("| classes | mode | precision | teacher | step s (median / min) | img/s | speedup vs perturb fp32 "
                  "recomputed | text tower s | text share | image tower s | teacher s | rest s |")
     lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
